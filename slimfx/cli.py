@@ -1,0 +1,187 @@
+"""The ``slimfx`` command line: the same API as Python, for a model given as MODULE:FACTORY.
+
+    slimfx inspect slimfx.zoo:resnet18 --input-shape 1,3,224,224 --pipeline "fold-bn,dce"
+    slimfx passes
+
+MODULE is an importable module name or a path to a ``.py`` file; FACTORY is a callable
+returning an ``nn.Module`` (or an ``nn.Module`` instance).  Importing MODULE also
+registers any passes it defines; ``--load`` imports more such modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from slimfx.errors import SlimfxError
+
+__all__ = ["main", "load_factory", "parse_input_spec"]
+
+_DTYPES = {"float32": torch.float32, "f32": torch.float32, "float16": torch.float16,
+           "bfloat16": torch.bfloat16, "float64": torch.float64, "int64": torch.int64,
+           "i64": torch.int64, "int32": torch.int32, "i32": torch.int32, "bool": torch.bool}
+
+
+class CliError(SlimfxError):
+    """A bad command-line argument."""
+
+
+def _import_module(name: str):
+    if name.endswith(".py") or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise CliError(f"no such file: {name}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise CliError(f"cannot import module '{name}': {e}") from e
+
+
+def load_factory(ref: str) -> torch.nn.Module:
+    """Build the model named by ``MODULE:FACTORY``."""
+    if ":" not in ref:
+        raise CliError(f"model must be MODULE:FACTORY (e.g. slimfx.zoo:resnet18), got '{ref}'")
+    mod_name, _, attr = ref.rpartition(":")
+    module = _import_module(mod_name)
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise CliError(f"module '{mod_name}' has no attribute '{attr}'") from None
+    model = obj if isinstance(obj, torch.nn.Module) else obj() if callable(obj) else None
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"'{ref}' must be an nn.Module or a callable returning one, "
+                       f"got {type(model).__name__}")
+    return model
+
+
+def parse_input_spec(text: str, seed: int = 0) -> torch.Tensor:
+    """``"1,3,224,224"`` or ``"1,16:int64"`` -> a random example tensor.
+
+    Floating inputs are standard normal; integer inputs are drawn from [0, 2); bool are
+    all true.
+    """
+    shape_text, _, dtype_text = text.partition(":")
+    try:
+        shape = tuple(int(s) for s in shape_text.split(",") if s.strip())
+    except ValueError:
+        raise CliError(f"bad --input-shape '{text}': expected comma-separated integers, "
+                       "optionally followed by :dtype (e.g. 1,16:int64)") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise CliError(f"bad --input-shape '{text}': dimensions must be positive")
+    dtype = _DTYPES.get(dtype_text or "float32")
+    if dtype is None:
+        raise CliError(f"bad dtype '{dtype_text}' in --input-shape; known: {', '.join(_DTYPES)}")
+    gen = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.randint(0, 2, shape, generator=gen, dtype=dtype)
+
+
+def _cmd_inspect(args) -> int:
+    import slimfx
+    from slimfx.ir import draw, format_graph, layer_table
+    from slimfx.passes import DumpIR, PassManager, PrintAfterChange, Statistics, Timing
+
+    for mod in args.load or ():
+        _import_module(mod)
+    model = load_factory(args.model)
+    if not args.input_shape:
+        raise CliError("give at least one --input-shape (e.g. --input-shape 1,3,224,224)")
+    inputs = tuple(parse_input_spec(s, seed=i) for i, s in enumerate(args.input_shape))
+    graph = slimfx.capture(model, inputs)
+    out = sys.stdout
+    final = graph
+    if args.pipeline:
+        instruments = []
+        if args.timing:
+            instruments.append(Timing(file=out))
+        if args.stats:
+            instruments.append(Statistics(file=out))
+        if args.print_after_change:
+            instruments.append(PrintAfterChange(file=out))
+        if args.dump_ir:
+            instruments.append(DumpIR(args.dump_ir))
+        final = PassManager(args.pipeline, instruments=instruments).run(graph)
+    if args.ir:
+        print(format_graph(final), file=out)
+    print(layer_table(final, all_nodes=args.all), file=out)
+    if args.pipeline:
+        print(f"\n== what '{args.pipeline}' changed ==", file=out)
+        print(slimfx.diff(graph, final), file=out)
+    for path in args.draw or ():
+        draw.save(final, path)
+        print(f"wrote {path}", file=out)
+    return 0
+
+
+def _cmd_passes(args) -> int:
+    from slimfx.passes import list_passes
+    from slimfx.passes.base import options_help
+
+    for mod in args.load or ():
+        _import_module(mod)
+    for name, cls in list_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        kind = "lossless" if cls.lossless else "lossy"
+        print(f"{name}  ({kind}){'  - ' + doc[0] if doc else ''}")
+        for opt, tp, default in options_help(cls):
+            print(f"    {opt}: {tp} = {default!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import slimfx
+
+    parser = argparse.ArgumentParser(prog="slimfx", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"slimfx {slimfx.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="capture a model, optionally run a pipeline, print tables")
+    p.add_argument("model", help="MODULE:FACTORY, e.g. slimfx.zoo:resnet18 or path/to/file.py:build")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE]",
+                   help="one per model input, e.g. 1,3,224,224 or 1,16:int64 (repeatable)")
+    p.add_argument("--pipeline", help='passes to run, e.g. "fold-bn,dce"')
+    p.add_argument("--load", action="append", metavar="MODULE",
+                   help="import a module that registers custom passes (repeatable)")
+    p.add_argument("--all", action="store_true", help="list every op, not only layers")
+    p.add_argument("--ir", action="store_true", help="print the (final) IR")
+    p.add_argument("--timing", action="store_true", help="print per-pass timing")
+    p.add_argument("--stats", action="store_true", help="print per-pass statistics")
+    p.add_argument("--print-after-change", action="store_true",
+                   help="print the IR and the diff after each pass that changed the graph")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
+    p.add_argument("--draw", action="append", metavar="FILE",
+                   help="draw the final graph to FILE.dot or FILE.svg (repeatable)")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("passes", help="list registered passes and their options")
+    p.add_argument("--load", action="append", metavar="MODULE",
+                   help="import a module that registers custom passes (repeatable)")
+    p.set_defaults(func=_cmd_passes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SlimfxError as e:
+        print(f"slimfx: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
