@@ -30,7 +30,7 @@ from slimfx.ir import Graph
 
 __all__ = [
     "NoOptions", "Pass", "PassResult", "register_pass", "get_pass", "list_passes",
-    "make_options", "parse_value",
+    "make_options", "parse_value", "format_value",
 ]
 
 
@@ -87,7 +87,7 @@ class Pass:
         return PassManager([self]).run(graph)
 
     def __repr__(self) -> str:
-        opts = ",".join(f"{f.name}={getattr(self.options, f.name)!r}"
+        opts = ",".join(f"{f.name}={format_value(getattr(self.options, f.name))}"
                         for f in dataclasses.fields(self.options))
         return f"{self.name}{{{opts}}}" if opts else self.name
 
@@ -100,8 +100,8 @@ def register_pass(name: str, *, options: type | None = None, lossless: bool = Tr
     """Register a pass class or function under ``name`` (a decorator).
 
     A function ``fn(graph, options) -> bool | PassResult`` becomes a :class:`Pass`
-    subclass; its options dataclass is ``options``, or the annotation of its second
-    parameter.  Registering a taken name raises unless ``replace=True``.
+    subclass (``fn.pass_class``; the function itself is returned unchanged); its options
+    dataclass is ``options``, or the annotation of its second parameter.  Registering a taken name raises unless ``replace=True``.
     """
     if not name or any(c in name for c in ",{}= "):
         raise PipelineError(f"invalid pass name {name!r}: use letters, digits and '-'")
@@ -134,7 +134,9 @@ def register_pass(name: str, *, options: type | None = None, lossless: bool = Tr
         if not (dataclasses.is_dataclass(cls.Options) and isinstance(cls.Options, type)):
             raise PipelineError(f"pass '{name}': options must be a dataclass type")
         _REGISTRY[name] = cls
-        return obj if isinstance(obj, type) else cls
+        if not isinstance(obj, type):
+            obj.pass_class = cls  # the function stays callable; PassManager accepts it too
+        return obj
 
     return deco
 
@@ -177,6 +179,17 @@ def _split_list(text: str) -> list[str]:
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
     return [t.strip() for t in text.split(",") if t.strip()] if text.strip() else []
+
+
+def format_value(value: Any) -> str:
+    """Pipeline text for an option value (the inverse of :func:`parse_value`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value)
 
 
 def parse_value(tp: Any, value: Any, where: str) -> Any:

@@ -109,6 +109,8 @@ def _as_pass(p) -> Pass:
         return cls(make_options(cls, p[1]))
     if isinstance(p, type) and issubclass(p, Pass):
         return p()
+    if callable(p) and isinstance(getattr(p, "pass_class", None), type):
+        return p.pass_class()  # a function registered with @register_pass
     raise PipelineError(f"not a pass: {p!r} (give a Pass, a registered name, or (name, options))")
 
 
@@ -211,7 +213,8 @@ class PassManager:
             res = p.run(work)
         except Exception as e:  # any failure inside a pass rolls back
             node = getattr(e, "node", None)
-            raise PassError(p.name, f"{type(e).__name__}: {e}", node=node, cause=e) from e
+            text = getattr(e, "message", None) if node is not None else None
+            raise PassError(p.name, f"{type(e).__name__}: {text or e}", node=node, cause=e) from e
         finally:
             rec.pass_s = time.perf_counter() - t0
         if isinstance(res, PassResult):

@@ -37,6 +37,7 @@ class GraphError(SlimfxError):
 
     def __init__(self, message: str, node: torch.fx.Node | None = None):
         self.node = node
+        self.message = message  # without the node context, for errors that wrap this one
         super().__init__(message + (node_context(node) if node is not None else ""))
 
 
