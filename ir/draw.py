@@ -295,9 +295,7 @@ def _place_row(row: list, desired: list[float], weight: list[float], w: dict) ->
     on the positions less the gaps."""
     offs = [0.0]
     for a, b in zip(row, row[1:]):
-        gap = (_GAP_DUMMIES if _is_dummy(a) and _is_dummy(b)
-               else _GAP_DUMMY if _is_dummy(a) or _is_dummy(b) else _GAP)
-        offs.append(offs[-1] + (w[a] + w[b]) / 2 + gap)
+        offs.append(offs[-1] + _min_sep(a, b, w))
     blocks: list[list[float]] = []  # [sum of weight*target, sum of weight, first, end]
     for i in range(len(row)):
         blocks.append([weight[i] * (desired[i] - offs[i]), weight[i], i, i + 1])
@@ -311,6 +309,43 @@ def _place_row(row: list, desired: list[float], weight: list[float], w: dict) ->
         for i in range(int(first), int(end)):
             xs[i] = s / wt + offs[i]
     return xs
+
+
+def _min_sep(a, b, w: dict) -> float:
+    gap = (_GAP_DUMMIES if _is_dummy(a) and _is_dummy(b)
+           else _GAP_DUMMY if _is_dummy(a) or _is_dummy(b) else _GAP)
+    return (w[a] + w[b]) / 2 + gap
+
+
+def _straighten(rows: list[list], x: dict, w: dict, preds: dict, succs: dict,
+                chains: list[list]) -> None:
+    """Remove the small jogs the least-squares placement leaves: run each long edge
+    straight down where its rows have room, then line up one-to-one links that are
+    nearly vertical."""
+    where = {k: (r, i) for r, row in enumerate(rows) for i, k in enumerate(row)}
+
+    def fits(k, v: float) -> bool:
+        r, i = where[k]
+        row = rows[r]
+        return ((i == 0 or v - x[row[i - 1]] >= _min_sep(row[i - 1], k, w) - 1e-6)
+                and (i == len(row) - 1 or x[row[i + 1]] - v >= _min_sep(k, row[i + 1], w) - 1e-6))
+
+    for chain in sorted(chains, key=len, reverse=True):
+        dummies = chain[1:-1]
+        if len(dummies) < 2:
+            continue
+        xs = sorted(x[d] for d in dummies)
+        median = xs[len(xs) // 2]
+        for v in sorted(xs, key=lambda v: abs(v - median)):
+            if all(fits(d, v) for d in dummies):
+                x.update((d, v) for d in dummies)
+                break
+    for row in rows:
+        for k in row:
+            if len(preds[k]) == 1 and len(succs[preds[k][0]]) == 1:
+                v = x[preds[k][0]]
+                if v != x[k] and fits(k, v):
+                    x[k] = v
 
 
 def _layout(boxes: Sequence[_Box], edges: Sequence[_Edge]) -> _Layout:
@@ -387,6 +422,7 @@ def _layout(boxes: Sequence[_Box], edges: Sequence[_Edge]) -> _Layout:
             x.update(zip(row, _place_row(row, desired, wts, w)))
         if max((abs(x[k] - before[k]) for k in x), default=0.0) < 0.5:
             break
+    _straighten(rows, x, w, preds, succs, chains)
     left = min((x[k] - w[k] / 2 for k in x), default=0.0)
     for k in x:
         x[k] += _MARGIN - left
@@ -508,7 +544,7 @@ def to_svg(graph: Graph, *, collapse_params: bool = True, title: str | None = No
                 attrs += ' font-weight="bold"'
             if b.ink != "#1a1a1a":
                 attrs += f' fill="{b.ink}"'
-            elif style in ("path", "param", "macs"):
+            elif style in ("path", "param", "macs") and not b.macs:
                 attrs += ' fill="#555555"'
             out.append(f'<text x="{_f(lay.x[b.name])}" y="{_f(y - size * 0.32)}" '
                        f'text-anchor="middle" {attrs}>{escape(_shorten(text))}</text>')
