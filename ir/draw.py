@@ -319,9 +319,10 @@ def _min_sep(a, b, w: dict) -> float:
 
 def _straighten(rows: list[list], x: dict, w: dict, preds: dict, succs: dict,
                 chains: list[list]) -> None:
-    """Remove the small jogs the least-squares placement leaves: run each long edge
-    straight down where its rows have room, then line up one-to-one links that are
-    nearly vertical."""
+    """Remove the jogs the least-squares placement leaves: run each long edge straight
+    down where its rows have room, then hang every node that is its predecessor's only
+    successor straight below it (where it fits), so chains are vertical and only merges
+    bend."""
     where = {k: (r, i) for r, row in enumerate(rows) for i, k in enumerate(row)}
 
     def fits(k, v: float) -> bool:
