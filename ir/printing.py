@@ -178,7 +178,7 @@ def diff(before: Graph, after: Graph) -> GraphDiff:
     >>> g = slimfx.capture(m, torch.randn(1, 3, 8, 8))
     >>> d = diff(g, slimfx.run_pipeline(g, "fold-bn"))
     >>> d.removed, [path for path, _, _ in d.modules]
-    (['batch_norm'], ['0', '1'])
+    (['convolution', 'batch_norm'], ['1'])
     """
     bn = {n.name: n for n in before.fx.nodes if n.op == "call_function"}
     before.analyze()

@@ -25,8 +25,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from slimfx.errors import PipelineError
 from slimfx.ir import Graph
+
+from slimfx.errors import PipelineError
 
 __all__ = [
     "NoOptions", "Pass", "PassResult", "register_pass", "get_pass", "list_passes",

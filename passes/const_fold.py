@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
-
 from slimfx.ir import Graph
 
 from .base import PassResult, register_pass

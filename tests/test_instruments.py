@@ -3,8 +3,6 @@
 import io
 
 import torch
-
-import slimfx
 from slimfx.passes import (
     DumpIR,
     PassManager,
@@ -15,6 +13,8 @@ from slimfx.passes import (
     Statistics,
     Timing,
 )
+
+import slimfx
 
 aten = torch.ops.aten
 
