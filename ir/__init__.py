@@ -1,5 +1,6 @@
 """slimfx's IR: capture, the :class:`Graph` wrapper, op set, patterns, printing, drawing."""
 
+from . import draw
 from .capture import capture, decomposition_table
 from .graph import Graph, NodeInfo, TensorSpec
 from .ops import PRESERVED_OPS, is_canonical, macs_of, op_name, register_macs
@@ -7,7 +8,7 @@ from .pattern import P, Rewriter, Rule, Rules, match, rewrite
 from .printing import GraphDiff, diff, format_graph, layer_table
 
 __all__ = [
-    "capture", "decomposition_table", "Graph", "NodeInfo", "TensorSpec", "PRESERVED_OPS",
+    "draw", "capture", "decomposition_table", "Graph", "NodeInfo", "TensorSpec", "PRESERVED_OPS",
     "is_canonical", "macs_of", "op_name", "register_macs", "P", "Rewriter", "Rule", "Rules",
     "match", "rewrite", "GraphDiff", "diff", "format_graph", "layer_table",
 ]

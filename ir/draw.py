@@ -27,6 +27,7 @@ True
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ __all__ = ["to_dot", "to_svg", "save"]
 # ---------------------------------------------------------------------------------------
 
 _FILL = {"input": "#deebf7", "output": "#e5e5e5", "param": "#f7f7f7", "op": "#ffffff"}
-_MAC_LIGHT = (0xFE, 0xE6, 0xCE)  # fill of the cheapest op with MACs ...
+_MAC_LIGHT = (0xFE, 0xE6, 0xCE)  # fill of an op with (next to) no MACs ...
 _MAC_DARK = (0xA6, 0x36, 0x03)  # ... and of the most expensive one
 
 
@@ -96,6 +97,15 @@ def _types(info: NodeInfo) -> list[str]:
     return [str(s) for s in info.outputs] or ["()"]
 
 
+def _compact(types: list[str]) -> list[str]:
+    """Runs of equal types as one line: ``f32[2,8] (×12)`` for the outputs of a split."""
+    out = []
+    for t, run in itertools.groupby(types):
+        n = len(list(run))
+        out.append(t if n == 1 else f"{t} (\u00d7{n})")
+    return out
+
+
 def _edge_label(src: torch.fx.Node, dst: torch.fx.Node) -> str:
     outs = src.meta["slimfx"].outputs
     if len(outs) == 1:
@@ -124,13 +134,13 @@ def _collect(graph: Graph, collapse_params: bool) -> tuple[list[_Box], list[_Edg
             continue
         info: NodeInfo = n.meta["slimfx"]
         if n.op == "placeholder":
-            box = _Box(n.name, "input", n.name, "", _types(info))
+            box = _Box(n.name, "input", n.name, "", _compact(_types(info)))
         elif n.op == "output":
-            box = _Box(n.name, "output", "output", "", _types(info))
+            box = _Box(n.name, "output", "output", "", _compact(_types(info)))
         elif n.op == "get_attr":
-            box = _Box(n.name, "param", str(n.target), "", _types(info))
+            box = _Box(n.name, "param", str(n.target), "", _compact(_types(info)))
         else:
-            box = _Box(n.name, "op", info.op, info.module_path, _types(info))
+            box = _Box(n.name, "op", info.op, info.module_path, _compact(_types(info)))
         box.fill = _FILL[box.kind]
         for a in n.all_input_nodes:
             if a in drawn:
@@ -230,7 +240,7 @@ def _box_size(box: _Box) -> tuple[float, float]:
     h = sum(_SIZE[s] * _LINE_H for s, _ in lines) + 2 * _PAD_Y
     if box.kind in ("input", "output"):
         w += h * 0.6  # room for the rounded ends of a pill
-    return max(w, _MIN_W), h
+    return float(math.ceil(max(w, _MIN_W))), float(math.ceil(h))
 
 
 @dataclass
@@ -425,8 +435,8 @@ def _layout(boxes: Sequence[_Box], edges: Sequence[_Edge]) -> _Layout:
             break
     _straighten(rows, x, w, preds, succs, chains)
     left = min((x[k] - w[k] / 2 for k in x), default=0.0)
-    for k in x:
-        x[k] += _MARGIN - left
+    for k in x:  # to half pixels, so that box edges are exact in the SVG text
+        x[k] = round((x[k] + _MARGIN - left) * 2) / 2
     width = max((x[k] + w[k] / 2 for k in x), default=0.0) + _MARGIN
 
     # Vertical positions: the space between two rows grows with how far its edges travel
@@ -438,7 +448,7 @@ def _layout(boxes: Sequence[_Box], edges: Sequence[_Edge]) -> _Layout:
         row_top.append(y)
         row_bottom.append(y + row_h)
         travel = max((abs(x[k] - x[s]) for k in row for s in succs[k]), default=0.0)
-        y += row_h + min(max(_ROW_GAP, 2 * _STUB + 0.2 * travel), 4 * _ROW_GAP)
+        y += row_h + round(min(max(_ROW_GAP, 2 * _STUB + 0.2 * travel), 4 * _ROW_GAP))
         if r == n_rows - 1:
             y = row_bottom[-1]
     height = y + _MARGIN

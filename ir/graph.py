@@ -67,7 +67,7 @@ class NodeInfo:
     module_path: str
     inputs: tuple[TensorSpec | None, ...]
     outputs: tuple[TensorSpec, ...]
-    params: int  # elements of parameters/buffers read directly by this node
+    params: int  # parameter/buffer elements: an op's get_attr inputs, or a get_attr's own
     macs: int
 
     @property
@@ -344,6 +344,9 @@ class Graph:
             if n.op == "get_attr":
                 v = _fetch_attr(gm, n.target)
                 params = v.numel() if isinstance(v, torch.Tensor) else 0
+            elif n.op == "call_function":  # what the op reads through get_attr inputs
+                params = sum(_fetch_attr(gm, a.target).numel() for a in n.all_input_nodes
+                             if a.op == "get_attr")
             outs = specs.get(n, ())
             macs = 0
             if n.op == "call_function" and outs:
@@ -357,7 +360,10 @@ class Graph:
         return outputs
 
     def info(self, node: torch.fx.Node) -> NodeInfo:
-        """The analysis result for one node (recomputed if the graph changed)."""
+        """The analysis result for one node (recomputed if the graph changed).
+
+        Checking for changes walks the graph: in a loop, call :meth:`infos` once instead.
+        """
         self.analyze()
         return node.meta["slimfx"]
 
@@ -369,18 +375,9 @@ class Graph:
     def layers(self) -> list[NodeInfo]:
         """Compute nodes that own parameters or do MACs: the model's *layers*.
 
-        A node's ``params`` here counts the parameters it reads through ``get_attr``.
+        A parameter read by two ops is counted in both rows.
         """
-        self.analyze()
-        rows = []
-        for n in self.gm.graph.nodes:
-            if n.op != "call_function":
-                continue
-            info: NodeInfo = n.meta["slimfx"]
-            p = sum(a.meta["slimfx"].params for a in n.all_input_nodes if a.op == "get_attr")
-            if p or info.macs:
-                rows.append(NodeInfo(**{**info.__dict__, "params": p}))
-        return rows
+        return [i for i in self.infos() if i.kind == "call_function" and (i.params or i.macs)]
 
     def macs(self) -> int:
         """Total multiply-accumulates of one run on the example inputs."""

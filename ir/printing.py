@@ -79,10 +79,7 @@ def layer_table(graph: Graph, *, all_nodes: bool = False) -> str:
     """
     graph.analyze()
     if all_nodes:
-        infos = [n.meta["slimfx"] for n in graph.fx.nodes if n.op == "call_function"]
-        pmap = {i.name: i.params for i in graph.layers()}
-        infos = [i if i.name not in pmap else NodeInfo(**{**i.__dict__, "params": pmap[i.name]})
-                 for i in infos]
+        infos = [i for i in graph.infos() if i.kind == "call_function"]
     else:
         infos = graph.layers()
     node = {n.name: n for n in graph.fx.nodes}
@@ -92,7 +89,7 @@ def layer_table(graph: Graph, *, all_nodes: bool = False) -> str:
         ins = " ".join(str(o) for a in acts for o in a.outputs[:1])
         outs = " ".join(map(str, info.outputs))
         rows.append([k, info.op, info.module_path or "-", ins, outs, f"{info.params:,}", f"{info.macs:,}"])
-    total_p = sum(i.params for i in infos) if not all_nodes else sum(i.params for i in graph.layers())
+    total_p = sum(i.params for i in infos)
     total_m = sum(i.macs for i in infos)
     rows.append(["", "total", "", "", "", f"{total_p:,}", f"{total_m:,}"])
     return format_table(["#", "op", "module", "inputs", "output", "params", "MACs"], rows,
@@ -109,7 +106,6 @@ class _Agg:
 
 def _by_module(graph: Graph) -> dict[str, _Agg]:
     graph.analyze()
-    layer_params = {i.name: i.params for i in graph.layers()}
     agg: dict[str, _Agg] = defaultdict(_Agg)
     for n in graph.fx.nodes:
         if n.op != "call_function":
@@ -117,7 +113,7 @@ def _by_module(graph: Graph) -> dict[str, _Agg]:
         info: NodeInfo = n.meta["slimfx"]
         a = agg[info.module_path or "<top>"]
         a.ops.append(info.op.removeprefix("aten."))
-        a.params += layer_params.get(info.name, 0)
+        a.params += info.params
         a.macs += info.macs
         if info.outputs:
             a.shape = str(info.outputs[0])

@@ -25,9 +25,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from slimfx.ir import Graph
-
 from slimfx.errors import PipelineError
+from slimfx.ir import Graph
 
 __all__ = [
     "NoOptions", "Pass", "PassResult", "register_pass", "get_pass", "list_passes",

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
+
 from slimfx.ir import Graph
 
 from .base import PassResult, register_pass

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+
 from slimfx.ir import Graph, P, Rewriter, Rules, rewrite
 
 from .base import PassResult, register_pass

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from slimfx.ir import Graph, capture
 
 from slimfx.errors import GraphError, PassError, PipelineError, VerificationError
+from slimfx.ir import Graph, capture
 
 from .base import Pass, PassResult, get_pass, make_options
 from .pipeline import parse_pipeline

@@ -3,11 +3,11 @@
 import pytest
 import torch
 from conftest import ConvBnRelu, randomize_bn
-from slimfx.ir import is_canonical
 from torch import nn
 
 import slimfx
 from slimfx.errors import CaptureError
+from slimfx.ir import is_canonical
 
 aten = torch.ops.aten
 

@@ -3,6 +3,8 @@
 import io
 
 import torch
+
+import slimfx
 from slimfx.passes import (
     DumpIR,
     PassManager,
@@ -13,8 +15,6 @@ from slimfx.passes import (
     Statistics,
     Timing,
 )
-
-import slimfx
 
 aten = torch.ops.aten
 

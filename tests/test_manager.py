@@ -3,10 +3,10 @@
 import pytest
 import torch
 from conftest import ConvBnRelu, randomize_bn
-from slimfx.passes import Pass, PassManager, PassResult, register_pass
 
 import slimfx
 from slimfx.errors import PassError, PipelineError, VerificationError
+from slimfx.passes import Pass, PassManager, PassResult, register_pass
 
 aten = torch.ops.aten
 

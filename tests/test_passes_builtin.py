@@ -3,11 +3,11 @@
 import pytest
 import torch
 from conftest import randomize_bn
-from slimfx.passes import PassManager
 from torch import nn
 
 import slimfx
 from slimfx import zoo
+from slimfx.passes import PassManager
 
 aten = torch.ops.aten
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from slimfx.ir import P, Rules, match, rewrite
 from torch import nn
 
 import slimfx
 from slimfx.errors import GraphError
+from slimfx.ir import P, Rules, match, rewrite
 
 aten = torch.ops.aten
 

@@ -4,10 +4,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pytest
-from slimfx.passes import Pass, get_pass, parse_pipeline, register_pass
-from slimfx.passes.pipeline import split_items
 
 from slimfx.errors import PipelineError
+from slimfx.passes import Pass, get_pass, parse_pipeline, register_pass
+from slimfx.passes.pipeline import split_items
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """IR listing, per-layer table and graph diff."""
 
 import torch
-from slimfx.ir import format_graph, layer_table
 
 import slimfx
+from slimfx.ir import format_graph, layer_table
 
 
 def test_format_graph_lists_every_op_with_types_and_paths(block_graph):
