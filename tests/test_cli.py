@@ -11,13 +11,17 @@ from slimfx.cli import main
 
 def test_inspect_zoo_model_with_pipeline(capsys, tmp_path):
     rc = main(["inspect", "slimfx.zoo:resnet18", "--input-shape", "1,3,32,32",
-               "--pipeline", "fold-bn,dce", "--timing", "--stats", "--dump-ir", str(tmp_path / "ir")])
+               "--pipeline", "fold-bn,dce", "--timing", "--stats", "--dump-ir", str(tmp_path / "ir"),
+               "--draw", str(tmp_path / "g.svg"), "--draw", str(tmp_path / "g.dot")])
     out = capsys.readouterr().out
     assert rc == 0
     assert "aten.convolution" in out and "layer4.1.conv2" in out
     assert "== what 'fold-bn,dce' changed ==" in out
     assert "fold-bn: folded=20" in out  # ResNet-18: 17 main-path BNs + 3 shortcut BNs
     assert (tmp_path / "ir" / "01-fold-bn.txt").exists()
+    assert (tmp_path / "g.svg").read_text().lstrip().startswith("<svg")
+    assert (tmp_path / "g.dot").read_text().startswith("digraph")
+    assert "aten.batch_norm" not in (tmp_path / "g.dot").read_text()  # the final graph is drawn
 
 
 def test_inspect_custom_file_pass_and_int_inputs(capsys, tmp_path):
