@@ -201,6 +201,8 @@ def rewrite(graph: Graph, rules: Rules, *, max_iters: int = 100) -> int:
                 if repl is None or repl is node:
                     continue
                 node.replace_all_uses_with(repl)
+                if not node.users:  # replaced: gone even if torch deems the op impure
+                    graph.fx.erase_node(node)
                 changed += 1
                 fired.append(rule.name)
                 break

@@ -1,6 +1,8 @@
 """The ``slimfx`` command line: the same API as Python, for a model given as MODULE:FACTORY.
 
     slimfx inspect slimfx.zoo:resnet18 --input-shape 1,3,224,224 --pipeline "fold-bn,dce"
+    slimfx compile slimfx.zoo:resnet18 --input-shape 1,3,224,224 --target host -o out/
+    slimfx run out/ --bench
     slimfx passes
 
 MODULE is an importable module name or a path to a ``.py`` file; FACTORY is a callable
@@ -127,6 +129,56 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_compile(args) -> int:
+    import slimfx
+
+    for mod in args.load or ():
+        _import_module(mod)
+    model = load_factory(args.model)
+    if not args.input_shape:
+        raise CliError("give at least one --input-shape (e.g. --input-shape 1,3,224,224)")
+    inputs = tuple(parse_input_spec(s, seed=i) for i, s in enumerate(args.input_shape))
+    compiled = slimfx.compile(model, inputs, target=args.target, pipeline=args.pipeline)
+    path = compiled.save(args.output)
+    m = compiled.manifest
+    print(f"built {m['name']} for {m['target_name']} ({m['target'].get('mtriple', m['target']['kind'])}, "
+          f"mcpu={m['target'].get('mcpu', '-')}) in {m['build']['build_s']:.1f} s")
+    if compiled.parity:
+        print(f"parity vs PyTorch: max abs error {compiled.parity['max_abs_error']:.3g} "
+              f"(tolerance {compiled.parity['tolerance']:.3g})")
+    else:
+        print("parity: not checked (this machine cannot run the target; use `slimfx run --remote`)")
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    import numpy as np
+
+    from slimfx.runtime import load
+
+    remote = None
+    if args.remote:
+        from slimfx.runtime.rpc import connect
+
+        host, _, port = args.remote.rpartition(":")
+        if not host or not port.isdigit():
+            raise CliError(f"--remote must be HOST:PORT, got '{args.remote}'")
+        remote = connect(host, int(port))
+    compiled = load(args.artifact, remote=remote)
+    rng = np.random.default_rng(args.seed)
+    inputs = [rng.standard_normal(s.shape).astype(s.dtype) if s.dtype.startswith("float")
+              else np.zeros(s.shape, dtype=s.dtype) for s in compiled.inputs]
+    outs = compiled.run_numpy(*inputs)
+    for spec, o in zip(compiled.outputs, outs):
+        print(f"{spec.name}: {o.dtype}[{','.join(map(str, o.shape))}] "
+              f"mean {float(o.mean()):.4g} max |x| {float(abs(o).max()):.4g}")
+    if args.bench:
+        lat = compiled.benchmark(*inputs, repeat=args.repeat)
+        print(f"latency: {lat}")
+    return 0
+
+
 def _cmd_passes(args) -> int:
     from slimfx.passes import list_passes
     from slimfx.passes.base import options_help
@@ -166,6 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", action="append", metavar="FILE",
                    help="draw the final graph to FILE.dot or FILE.svg (repeatable)")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("compile", help="capture, run a pipeline, build for a target, save")
+    p.add_argument("model", help="MODULE:FACTORY, e.g. slimfx.zoo:resnet18")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE]",
+                   help="one per model input (repeatable)")
+    p.add_argument("--pipeline", help='passes to run before lowering, e.g. "fold-bn,dce"')
+    p.add_argument("--target", default="host",
+                   help="host (default), x86-64-avx2, x86-64-avx512, aarch64, aarch64-cortex-a55, cuda")
+    p.add_argument("-o", "--output", required=True, help="artifact folder to write")
+    p.add_argument("--load", action="append", metavar="MODULE",
+                   help="import a module that registers custom passes (repeatable)")
+    p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("run", help="load an artifact and run it (optionally benchmark)")
+    p.add_argument("artifact", help="artifact folder written by `slimfx compile`")
+    p.add_argument("--bench", action="store_true", help="print latency median/min/max")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs for --bench (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--remote", metavar="HOST:PORT", help="run on a TVM RPC server")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("passes", help="list registered passes and their options")
     p.add_argument("--load", action="append", metavar="MODULE",

@@ -1,0 +1,7 @@
+"""Runtime: the compiled model, the artifact format, loading, benchmarking, RPC."""
+
+from .artifact import load, read_manifest, save
+from .model import ArtifactError, CompiledModel, InputError, IOSpec, Latency
+
+__all__ = ["CompiledModel", "IOSpec", "Latency", "InputError", "ArtifactError", "load", "save",
+           "read_manifest"]

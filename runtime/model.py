@@ -1,0 +1,198 @@
+"""The compiled, runnable model.
+
+A :class:`CompiledModel` holds a built TVM program, its parameters and a manifest that
+describes inputs, outputs and target.  Call it with torch tensors or numpy arrays; it
+returns the same kind (one array, or a tuple for several outputs).  ``benchmark`` times
+it; ``save`` writes a self-contained artifact folder that :func:`slimfx.runtime.load`
+reads back without the model's Python class and without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimfx.errors import SlimfxError
+
+__all__ = ["CompiledModel", "IOSpec", "Latency", "InputError", "ArtifactError"]
+
+
+class InputError(SlimfxError, ValueError):
+    """Inputs given to a compiled model do not match what it was built for."""
+
+
+class ArtifactError(SlimfxError):
+    """An artifact folder is missing, corrupt, or from another version."""
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """Name, shape and dtype of one model input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name: "float32", "int64", ...
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}[{','.join(map(str, self.shape))}]"
+
+    @classmethod
+    def from_json(cls, d: dict) -> IOSpec:
+        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency statistics over ``runs`` timed runs, in milliseconds."""
+
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+
+    def __str__(self) -> str:
+        return (f"median {self.median_ms:.3f} ms, min {self.min_ms:.3f} ms, "
+                f"max {self.max_ms:.3f} ms over {self.runs} runs")
+
+
+def _np_dtype_name(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return str(t.dtype).removeprefix("torch.")
+    return np.dtype(t.dtype).name
+
+
+class CompiledModel:
+    """A program built for a target, with its parameters; runnable where the target is.
+
+    Not built directly: :func:`slimfx.compile` and :func:`slimfx.runtime.load` make one.
+    """
+
+    def __init__(self, executable, params: Sequence[np.ndarray], manifest: dict[str, Any], *,
+                 device=None, library_path: str | None = None):
+        self._executable = executable  # relax.Executable or a loaded runtime.Module
+        self._params = [np.ascontiguousarray(p) for p in params]
+        self.manifest = manifest
+        self.inputs = [IOSpec.from_json(d) for d in manifest["inputs"]]
+        self.outputs = [IOSpec.from_json(d) for d in manifest["outputs"]]
+        self._device = device
+        self._library_path = library_path
+        self._vm = None
+        self._device_params = None
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def target(self) -> dict:
+        return self.manifest["target"]
+
+    @property
+    def parity(self) -> dict | None:
+        """``{"max_abs_error": ..., "tolerance": ...}`` from the check at compile time."""
+        return self.manifest.get("parity")
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.manifest["params"])
+
+    @property
+    def runnable_here(self) -> bool:
+        from slimfx.lowering.targets import resolve_target
+
+        return self._device is not None or resolve_target(self.target).is_host
+
+    def __repr__(self) -> str:
+        ins = ", ".join(map(str, self.inputs))
+        outs = ", ".join(map(str, self.outputs))
+        return f"<CompiledModel ({ins}) -> ({outs}) for {self.target.get('mtriple', self.target['kind'])}>"
+
+    # ------------------------------------------------------------------ running
+    def _ensure_vm(self):
+        if self._vm is not None:
+            return self._vm
+        import tvm
+        from tvm import relax
+
+        if self._device is None and not self.runnable_here:
+            raise ArtifactError(
+                f"this model was built for {self.target.get('mtriple') or self.target['kind']} and "
+                "cannot run on this machine; run it on the device through RPC "
+                "(slimfx.runtime.load(path, remote=slimfx.runtime.rpc.connect(host, port)))")
+        dev = self._device if self._device is not None else tvm.cpu()
+        self._vm = relax.VirtualMachine(self._executable, dev)
+        self._device_params = [tvm.runtime.tensor(p, device=dev) for p in self._params]
+        self._dev = dev
+        return self._vm
+
+    def _check_inputs(self, args: Sequence) -> list[np.ndarray]:
+        if len(args) != len(self.inputs):
+            want = ", ".join(map(str, self.inputs))
+            raise InputError(f"expected {len(self.inputs)} inputs ({want}), got {len(args)}")
+        arrays = []
+        for spec, a in zip(self.inputs, args):
+            if isinstance(a, torch.Tensor):
+                arr = a.detach().cpu().contiguous().numpy()
+            elif isinstance(a, np.ndarray):
+                arr = np.ascontiguousarray(a)
+            else:
+                raise InputError(f"input '{spec.name}' must be a torch.Tensor or numpy array, "
+                                 f"got {type(a).__name__}")
+            if tuple(arr.shape) != spec.shape:
+                raise InputError(f"input '{spec.name}' has shape {tuple(arr.shape)}, "
+                                 f"the model was built for {spec.shape}")
+            if arr.dtype.name != spec.dtype:
+                raise InputError(f"input '{spec.name}' has dtype {_np_dtype_name(a)}, "
+                                 f"the model was built for {spec.dtype}")
+            arrays.append(arr)
+        return arrays
+
+    def run_numpy(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Run on numpy arrays; returns a tuple of numpy arrays (one per output)."""
+        import tvm
+
+        vm = self._ensure_vm()
+        args = [tvm.runtime.tensor(a, device=self._dev) for a in self._check_inputs(arrays)]
+        out = vm["main"](*args, *self._device_params)
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return tuple(o.numpy() for o in outs)
+
+    def __call__(self, *inputs):
+        """Run: torch tensors in, torch tensors out; numpy in, numpy out."""
+        arrays = self._check_inputs(inputs)
+        outs = self.run_numpy(*arrays)
+        if any(isinstance(i, torch.Tensor) for i in inputs):
+            outs = tuple(torch.from_numpy(o) for o in outs)
+        return outs[0] if len(outs) == 1 else outs
+
+    def benchmark(self, *inputs, repeat: int = 20, number: int = 1, warmup: int = 3) -> Latency:
+        """Time ``repeat`` runs (each the mean of ``number`` calls) after ``warmup`` calls.
+
+        Uses TVM's time evaluator on the model's device, so remote (RPC) runs are timed on
+        the device, not across the network.  Inputs default to zeros of the right shape.
+        """
+        import tvm
+
+        vm = self._ensure_vm()
+        if not inputs:
+            inputs = tuple(np.zeros(s.shape, dtype=s.dtype) for s in self.inputs)
+        args = [tvm.runtime.tensor(a, device=self._dev) for a in self._check_inputs(inputs)]
+        for _ in range(warmup):
+            vm["main"](*args, *self._device_params)
+        timer = vm.time_evaluator("main", self._dev, number=number, repeat=repeat)
+        times = [t * 1e3 for t in timer(*args, *self._device_params).results]
+        return Latency(statistics.median(times), min(times), max(times), len(times))
+
+    # ------------------------------------------------------------------ saving
+    def save(self, path) -> str:
+        """Write the artifact folder (library, parameters, manifest); returns its path."""
+        from .artifact import save
+
+        return save(self, path)
+
+
+def io_specs(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[dict]:
+    """Manifest entries for tensors."""
+    return [asdict(IOSpec(n, tuple(t.shape), _np_dtype_name(t))) for n, t in zip(names, tensors)]
