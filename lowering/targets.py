@@ -53,12 +53,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cuda": {"kind": "cuda", "arch": "sm_80"},
 }
 
-_VECTOR_BITS = {"skylake-avx512": 512, "cascadelake": 512, "icelake-server": 512,
-                "icelake-client": 512, "rocketlake": 512, "tigerlake": 512, "sapphirerapids": 512,
-                "znver4": 512, "znver5": 512, "haswell": 256, "broadwell": 256, "skylake": 256,
-                "znver1": 256, "znver2": 256, "znver3": 256, "alderlake": 256}
-
-
 @dataclass(frozen=True)
 class TargetInfo:
     """A resolved target: the TVM dict, and facts slimfx uses (triple, cores, vectors)."""
@@ -87,10 +81,19 @@ class TargetInfo:
 
     @property
     def vector_bits(self) -> int:
-        """SIMD register width in bits (128 for NEON and generic x86-64)."""
-        if self.triple.startswith("aarch64"):
+        """SIMD register width in bits, from LLVM's features for this CPU (128 for NEON).
+
+        An explicit ``"vector-width"`` in the target wins.  (TVM's ``llvm_get_vector_width``
+        answers 512 for every x86 CPU, so it is not used.)
+        """
+        if "vector-width" in self.config:
+            return int(self.config["vector-width"])
+        if self.kind != "llvm":
             return 128
-        return _VECTOR_BITS.get(self.cpu, 128)
+        from tvm.target import codegen
+
+        features = set(codegen.llvm_get_cpu_features(self.tvm()))
+        return 512 if "avx512f" in features else 256 if "avx" in features else 128
 
     @property
     def is_host(self) -> bool:
@@ -126,13 +129,11 @@ def host_target() -> TargetInfo:
         raise LoweringError(f"host architecture {machine!r} is not supported; "
                             f"name a target instead ({', '.join(PRESETS)})")
     cpu = codegen.llvm_get_system_cpu()
-    config: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "mcpu": cpu, "num-cores": _cores()}
-    if machine == "x86_64" and cpu not in _VECTOR_BITS:
-        # An LLVM CPU name slimfx does not know: pick by the features the kernel reports.
+    if not codegen.llvm_is_valid_cpu(cpu, triple):
+        # LLVM does not know this CPU by name: fall back on the features the kernel reports.
         flags = _x86_cpu_flags()
-        config["mcpu"] = ("skylake-avx512" if "avx512f" in flags
-                          else "haswell" if "avx2" in flags else cpu)
-    return TargetInfo("host", config)
+        cpu = "skylake-avx512" if "avx512f" in flags else "haswell" if "avx2" in flags else "generic"
+    return TargetInfo("host", {"kind": "llvm", "mtriple": triple, "mcpu": cpu, "num-cores": _cores()})
 
 
 def resolve_target(target: str | dict | Any = "host") -> TargetInfo:

@@ -151,13 +151,21 @@ class CompiledModel:
 
     def run_numpy(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         """Run on numpy arrays; returns a tuple of numpy arrays (one per output)."""
+
+        self._set_inputs(arrays)
+        self._vm.invoke_stateful("main")
+        out = self._vm.get_outputs("main")
+        outs = [out] if hasattr(out, "numpy") else list(out)
+        return tuple(o.numpy() for o in outs)
+
+    def _set_inputs(self, arrays) -> None:
+        # set_input/invoke_stateful/get_outputs work the same locally and over RPC (where a
+        # direct call returns an opaque handle for tuple outputs).
         import tvm
 
         vm = self._ensure_vm()
         args = [tvm.runtime.tensor(a, device=self._dev) for a in self._check_inputs(arrays)]
-        out = vm["main"](*args, *self._device_params)
-        outs = list(out) if not hasattr(out, "numpy") else [out]
-        return tuple(o.numpy() for o in outs)
+        vm.set_input("main", *args, *self._device_params)
 
     def __call__(self, *inputs):
         """Run: torch tensors in, torch tensors out; numpy in, numpy out."""
@@ -173,16 +181,13 @@ class CompiledModel:
         Uses TVM's time evaluator on the model's device, so remote (RPC) runs are timed on
         the device, not across the network.  Inputs default to zeros of the right shape.
         """
-        import tvm
-
-        vm = self._ensure_vm()
         if not inputs:
             inputs = tuple(np.zeros(s.shape, dtype=s.dtype) for s in self.inputs)
-        args = [tvm.runtime.tensor(a, device=self._dev) for a in self._check_inputs(inputs)]
+        self._set_inputs(inputs)
         for _ in range(warmup):
-            vm["main"](*args, *self._device_params)
-        timer = vm.time_evaluator("main", self._dev, number=number, repeat=repeat)
-        times = [t * 1e3 for t in timer(*args, *self._device_params).results]
+            self._vm.invoke_stateful("main")
+        timer = self._vm.time_evaluator("invoke_stateful", self._dev, number=number, repeat=repeat)
+        times = [t * 1e3 for t in timer("main").results]
         return Latency(statistics.median(times), min(times), max(times), len(times))
 
     # ------------------------------------------------------------------ saving

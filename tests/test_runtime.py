@@ -1,0 +1,176 @@
+"""Runtime: run, benchmark, save/load (also in a new process), aarch64 artifacts, RPC on
+loopback, and errors for bad artifacts and bad inputs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ConvBnRelu, randomize_bn
+
+import slimfx
+from slimfx.runtime import ArtifactError, InputError, load, rpc
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize_bn(ConvBnRelu()).eval()
+
+
+@pytest.fixture(scope="module")
+def compiled(model):
+    return slimfx.compile(model, torch.randn(1, 3, 8, 8), pipeline="fold-bn,dce")
+
+
+@pytest.fixture(scope="module")
+def artifact(compiled, tmp_path_factory):
+    return Path(compiled.save(tmp_path_factory.mktemp("artifact") / "resnet_block"))
+
+
+def test_torch_in_torch_out_numpy_in_numpy_out(compiled, model):
+    x = torch.randn(1, 3, 8, 8)
+    y = compiled(x)
+    assert isinstance(y, torch.Tensor)
+    torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-5)
+    z = compiled(x.numpy())
+    assert isinstance(z, np.ndarray) and np.allclose(z, y.numpy())
+
+
+def test_benchmark_statistics(compiled):
+    lat = compiled.benchmark(repeat=7)
+    assert lat.runs == 7 and 0 < lat.min_ms <= lat.median_ms <= lat.max_ms
+
+
+def test_artifact_layout_and_manifest(artifact, compiled):
+    assert sorted(p.name for p in artifact.iterdir()) == ["manifest.json", "model.so", "params.npz"]
+    m = json.loads((artifact / "manifest.json").read_text())
+    assert m["format"] == "slimfx-artifact" and m["format_version"] == 1
+    assert m["inputs"] == [{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}]
+    assert m["outputs"] == [{"name": "output0", "shape": [1, 4], "dtype": "float32"}]
+    assert m["versions"]["tvm"] and m["versions"]["slimfx"] == slimfx.__version__
+    assert m["target"]["mcpu"] and m["parity"]["max_abs_error"] < 1e-4
+    assert m["graph"]["macs"] == compiled.manifest["graph"]["macs"] > 0
+    assert m["params"] == compiled.param_names and "conv1.weight" in m["params"]
+    assert not any("running_mean" in p for p in m["params"])  # fold-bn ran before lowering
+
+
+def test_save_load_round_trip_in_a_new_process(artifact, model, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = (
+        "import sys, numpy as np, slimfx.runtime as rt\n"
+        f"m = rt.load({str(artifact)!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r})))\n"
+        "assert 'conftest' not in sys.modules  # the model's class was never needed\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), model(x),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_loaded_model_saves_again(artifact, tmp_path):
+    again = Path(load(artifact).save(tmp_path / "copy"))
+    assert (again / "model.so").read_bytes() == (artifact / "model.so").read_bytes()
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype("float32")
+    assert np.array_equal(load(again)(x), load(artifact)(x))
+
+
+def _copy(artifact, tmp_path):
+    dest = tmp_path / "a"
+    dest.mkdir()
+    for f in artifact.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def _edit_manifest(path, **changes):
+    m = json.loads((path / "manifest.json").read_text())
+    for k, v in changes.items():
+        if k == "tvm":
+            m["versions"]["tvm"] = v
+        else:
+            m[k] = v
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / "manifest.json").unlink(), "is not a slimfx artifact: it has no manifest.json"),
+    (lambda p: (p / "manifest.json").write_text("{not json"), "manifest.json is not valid JSON"),
+    (lambda p: _edit_manifest(p, format="onnx"), "is not a slimfx artifact manifest"),
+    (lambda p: _edit_manifest(p, format_version=99), "has format version 99"),
+    (lambda p: _edit_manifest(p, tvm="0.1.0"), "was built with TVM 0.1.0"),
+    (lambda p: (p / "model.so").write_bytes((p / "model.so").read_bytes()[:1000]),
+     "model.so does not match its checksum"),
+    (lambda p: (p / "params.npz").unlink(), "params.npz is missing"),
+    (lambda p: _edit_manifest(p, files={}, param_shapes=[[1]] * 8), "has shape"),
+])
+def test_bad_artifacts_are_named(artifact, tmp_path, damage, message):
+    path = _copy(artifact, tmp_path)
+    damage(path)
+    with pytest.raises(ArtifactError, match=message):
+        load(path)
+
+
+def test_missing_artifact_folder(tmp_path):
+    with pytest.raises(ArtifactError, match="not a folder"):
+        load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ((), r"expected 1 inputs \(x: float32\[1,3,8,8\]\), got 0"),
+    ((torch.randn(1, 3, 8, 9),), r"input 'x' has shape \(1, 3, 8, 9\), the model was built for \(1, 3, 8, 8\)"),
+    ((torch.randn(1, 3, 8, 8).double(),), "input 'x' has dtype float64, the model was built for float32"),
+    (([0.0] * 3,), "input 'x' must be a torch.Tensor or numpy array, got list"),
+])
+def test_bad_inputs_are_named(compiled, inputs, message):
+    with pytest.raises(InputError, match=message):
+        compiled(*inputs)
+
+
+def test_aarch64_cross_compiled_artifact(model, tmp_path):
+    cm = slimfx.compile(model, torch.randn(1, 3, 8, 8), target="aarch64")
+    assert cm.parity is None and not cm.runnable_here
+    path = Path(cm.save(tmp_path / "arm"))
+    header = (path / "model.so").read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and header[4] == 2  # 64-bit ELF
+    assert int.from_bytes(header[18:20], "little") == 183  # e_machine: EM_AARCH64
+    assert json.loads((path / "manifest.json").read_text())["target"]["mtriple"] == "aarch64-linux-gnu"
+    with pytest.raises(ArtifactError, match="built for aarch64-linux-gnu and cannot run on this machine"):
+        load(path)
+    with pytest.raises(ArtifactError, match="cannot run on this machine; run it on the device"):
+        cm(torch.randn(1, 3, 8, 8))
+
+
+def test_rpc_on_loopback(artifact, model):
+    x = torch.randn(1, 3, 8, 8)
+    with rpc.local_server() as (host, port):
+        assert host == "127.0.0.1"
+        remote_model = load(artifact, remote=rpc.connect(host, port))
+        torch.testing.assert_close(remote_model(x), model(x), atol=1e-5, rtol=1e-5)
+        lat = remote_model.benchmark(x, repeat=3)
+        assert lat.runs == 3 and lat.median_ms > 0
+        del remote_model
+
+
+def test_rpc_connect_error():
+    with pytest.raises(rpc.RPCError, match="cannot connect to the RPC server at 127.0.0.1:1"):
+        rpc.connect("127.0.0.1", 1, timeout_s=5)
+
+
+def test_cli_compile_and_run(tmp_path, capsys):
+    from slimfx.cli import main
+
+    out = tmp_path / "cli_artifact"
+    assert main(["compile", "slimfx.zoo:small_resnet", "--input-shape", "1,3,16,16",
+                 "--pipeline", "fold-bn,dce", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "parity vs PyTorch: max abs error" in text and f"wrote {out}" in text
+    assert main(["run", str(out), "--bench", "--repeat", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "output0: float32[1,10]" in text and "latency: median" in text and "over 3 runs" in text
+    assert main(["run", str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
