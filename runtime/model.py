@@ -151,7 +151,6 @@ class CompiledModel:
 
     def run_numpy(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         """Run on numpy arrays; returns a tuple of numpy arrays (one per output)."""
-
         self._set_inputs(arrays)
         self._vm.invoke_stateful("main")
         out = self._vm.get_outputs("main")
