@@ -36,6 +36,7 @@ prints: why two layers are coupled.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -656,11 +657,17 @@ def _reshape_like(ca: ChannelAnalysis, node: Node) -> None:
             inner_x = total // xs[gi[0]]
             inner_o = total // out[gj[0]]
             flat = range(total)
-            if len(gi) == 1:  # one dim split into several: blocks of the outer out dim
-                ca.tie_map(x, gi[0], list(flat), node, gj[0], [f // inner_o for f in flat],
+            if len(gi) == 1:  # one dim split into several: tie to one of them, in blocks
+                # The outermost dim that is not indexed later (q/k/v of a fused projection
+                # are selected by index: the heads dim is the one to prune).
+                indexed = _indexed_dims(node)
+                pick = next((k for k in gj if out[k] > 1 and k not in indexed), gj[0])
+                inner = math.prod(out[k] for k in gj if k > pick)
+                ca.tie_map(x, gi[0], list(flat), node, pick, [(f // inner) % out[pick] for f in flat],
                            f"view splits dim {gi[0]} into {[out[k] for k in gj]}")
-                for k in gj[1:]:
-                    ca.block(node, k, "inner dim of a view split")
+                for k in gj:
+                    if k != pick:
+                        ca.block(node, k, "other dim of a view split")
             else:  # several dims merged into one: each outer index owns a block
                 ca.tie_map(x, gi[0], [f // inner_x for f in flat], node, gj[0], list(flat),
                            f"view merges dims {gi} ({'x'.join(str(xs[k]) for k in gi)}) into one")
@@ -672,6 +679,23 @@ def _reshape_like(ca: ChannelAnalysis, node: Node) -> None:
             for k in gj:
                 ca.block(node, k, "view regroups dims")
         i, j = gi[-1] + 1, gj[-1] + 1
+
+
+def _indexed_dims(node: Node) -> set[int]:
+    """Dims of ``node`` that a later ``select`` or ``slice`` picks parts of (through
+    permutes): unbinding q, k and v of a fused projection looks like this."""
+    out: set[int] = set()
+    rank = len(node.meta["slimfx"].shape)
+    for u in node.users:
+        if u.target in (aten.select.int, aten.slice.Tensor) and u.args[0] is node:
+            d = (u.args[1] if len(u.args) > 1 else 0) % rank
+            if u.target is aten.select.int or \
+                    u.meta["slimfx"].shape[d] != node.meta["slimfx"].shape[d]:
+                out.add(d)
+        elif u.target is aten.permute.default:
+            perm = u.args[1]
+            out |= {perm[d] % len(perm) for d in _indexed_dims(u)}
+    return out
 
 
 @register_channel_rule(aten.expand.default)

@@ -172,7 +172,7 @@ class PassManager:
             raise PipelineError(f"PassManager.run expects a slimfx Graph or nn.Module, got {type(graph).__name__}")
         self.records = []
         current = graph
-        current_out = current.analyze()
+        current_out = current.analyze(force=True)  # weights may have changed (fine-tuning)
         out_shapes = [tuple(t.shape) for t in current_out]
         for inst in self.instruments:
             inst.enter_pipeline(current, self.passes)

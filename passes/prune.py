@@ -27,7 +27,9 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ from slimfx.ir.channels import ChannelAnalysis, kept_fraction, macs_dims
 from .base import Pass, PassResult, register_pass
 
 __all__ = ["PruneOptions", "ChannelPruning", "select_channels", "apply_pruning", "score_sets",
-           "register_arg_rewrite"]
+           "register_arg_rewrite", "gradual_prune", "GradualStep"]
 
 aten = torch.ops.aten
 Node = torch.fx.Node
@@ -562,3 +564,74 @@ class ChannelPruning(Pass):
         stats["macs_ratio"] = round(graph.macs() / before_macs, 4) if before_macs else 1.0
         stats["params_ratio"] = round(graph.param_count() / before_params, 4) if before_params else 1.0
         return PassResult(graph, True, stats)
+
+
+# ============================================================================ gradual
+@dataclass
+class GradualStep:
+    """One round of :func:`gradual_prune`."""
+
+    step: int
+    macs_ratio: float  # vs the graph the schedule started from
+    params_ratio: float
+    metric: float | None
+    seconds: float
+    accepted: bool
+
+
+def gradual_prune(graph: Graph, options: PruneOptions | None = None, *, steps: int = 5,
+                  finetune: Callable[[Graph], None] | None = None,
+                  evaluate: Callable[[Graph], float] | None = None,
+                  min_metric: float | None = None, data=None, loss_fn=None,
+                  progress: Callable[[str], None] | None = print,
+                  **option_kw) -> tuple[Graph, list[GradualStep]]:
+    """The seed thesis's gradual global pruning: ``steps`` rounds, each pruning a slice of
+    the budget globally, then ``finetune(graph)`` (train ``graph.gm`` in place), then
+    ``evaluate(graph)``.  Stops at the budget, or when the metric falls below
+    ``min_metric`` (that round is undone).  The input graph is not modified.
+
+    The budget in ``options`` (or ``macs=``, ``params=``, ``ratio=`` keywords) is the total
+    over all rounds; each round removes an equal share of it (geometric in MACs/params).
+    Returns the final graph and one :class:`GradualStep` per round.
+    """
+    from .manager import PassManager
+
+    opts = options or PruneOptions(**option_kw)
+    if options is not None and option_kw:
+        opts = dataclasses.replace(options, **option_kw)
+    if steps < 1:
+        raise GraphError(f"steps must be >= 1, got {steps}")
+    kind = "macs" if opts.macs is not None else "params" if opts.params is not None else "ratio"
+    total = getattr(opts, kind)
+    base_macs, base_params = graph.macs(), graph.param_count()
+    current, history = graph, []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        if kind == "ratio":  # remove total*(step/steps) of the original sets, in equal slices
+            done = 1 - (1 - total) ** ((step - 1) / steps) if step > 1 else 0.0
+            want = 1 - (1 - total) ** (step / steps)
+            share = (want - done) / (1 - done)
+        else:  # keep total**(step/steps) of the original MACs/params
+            now = current.macs() / base_macs if kind == "macs" else current.param_count() / base_params
+            share = min(max(total ** (step / steps) / now, 1e-6), 1 - 1e-6)
+        step_opts = dataclasses.replace(opts, **{kind: share})
+        pruned = PassManager([ChannelPruning(step_opts, data=data, loss_fn=loss_fn)]).run(current)
+        if finetune is not None:
+            finetune(pruned)
+            pruned.analyze(force=True)
+        metric = float(evaluate(pruned)) if evaluate is not None else None
+        accepted = min_metric is None or metric is None or metric >= min_metric
+        rec = GradualStep(step, pruned.macs() / base_macs, pruned.param_count() / base_params,
+                          metric, time.perf_counter() - t0, accepted)
+        history.append(rec)
+        if progress is not None:
+            progress(f"[prune {step}/{steps}] MACs {rec.macs_ratio:.3f}x params "
+                     f"{rec.params_ratio:.3f}x" + (f" metric {metric:.4f}" if metric is not None else "")
+                     + ("" if accepted else f" < {min_metric}: stopping, round undone")
+                     + f" ({rec.seconds:.1f} s)")
+        if not accepted:
+            break
+        current = pruned
+    if current is graph:
+        current = graph.copy()
+    return current, history
