@@ -655,7 +655,6 @@ def _reshape_like(ca: ChannelAnalysis, node: Node) -> None:
         elif len(gi) == 1 or len(gj) == 1:
             total = pi
             inner_x = total // xs[gi[0]]
-            inner_o = total // out[gj[0]]
             flat = range(total)
             if len(gi) == 1:  # one dim split into several: tie to one of them, in blocks
                 # The outermost dim that is not indexed later (q/k/v of a fused projection
