@@ -123,6 +123,11 @@ def _cmd_inspect(args) -> int:
     if args.pipeline:
         print(f"\n== what '{args.pipeline}' changed ==", file=out)
         print(slimfx.diff(graph, final), file=out)
+    if args.channels:
+        from slimfx.ir.channels import ChannelAnalysis
+
+        print("\n== channel groups (what prunes together, and why) ==", file=out)
+        print(ChannelAnalysis(final).summary(), file=out)
     for path in args.draw or ():
         draw.save(final, path)
         print(f"wrote {path}", file=out)
@@ -215,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-after-change", action="store_true",
                    help="print the IR and the diff after each pass that changed the graph")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
+    p.add_argument("--channels", action="store_true",
+                   help="print the channel-dependency groups (what prune-channels couples)")
     p.add_argument("--draw", action="append", metavar="FILE",
                    help="draw the final graph to FILE.dot or FILE.svg (repeatable)")
     p.set_defaults(func=_cmd_inspect)

@@ -53,6 +53,14 @@ def test_inspect_custom_file_pass_and_int_inputs(capsys, tmp_path):
     assert "%ids: i64[2,5]" in out and "aten.embedding" in out and "aten.relu" in out
 
 
+def test_inspect_channel_groups(capsys):
+    rc = main(["inspect", "slimfx.zoo:small_resnet", "--input-shape", "1,3,16,16",
+               "--pipeline", "fold-bn,prune-channels{macs=0.5}", "--channels"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "== channel groups" in out
+    assert "residual add" in out and "conv out-channels" in out
+
+
 def test_passes_lists_options(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
