@@ -100,6 +100,16 @@ class TargetInfo:
         """Whether code for this target runs on this machine (same architecture, CPU kind)."""
         return self.kind == "llvm" and self.triple.split("-")[0] == platform.machine()
 
+    def local_device(self):
+        """The device on this machine that runs code for this target, or ``None``."""
+        import tvm
+
+        if self.is_host:
+            return tvm.cpu()
+        if self.kind == "cuda" and tvm.cuda(0).exist:
+            return tvm.cuda(0)
+        return None
+
     def tvm(self):
         """The ``tvm.target.Target``."""
         import tvm

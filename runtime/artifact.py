@@ -137,7 +137,7 @@ def load(path, *, remote=None) -> CompiledModel:
         return CompiledModel(lib, params, manifest, device=remote.cpu(), library_path=lib_path)
     from slimfx.lowering.targets import resolve_target
 
-    if not resolve_target(manifest["target"]).is_host:
+    if resolve_target(manifest["target"]).local_device() is None:
         triple = manifest["target"].get("mtriple", manifest["target"]["kind"])
         raise ArtifactError(f"artifact {folder} was built for {triple} and cannot run on this "
                             "machine; load it with remote=<RPC session> to run it on the device")

@@ -102,7 +102,7 @@ class CompiledModel:
     def runnable_here(self) -> bool:
         from slimfx.lowering.targets import resolve_target
 
-        return self._device is not None or resolve_target(self.target).is_host
+        return self._device is not None or resolve_target(self.target).local_device() is not None
 
     def __repr__(self) -> str:
         ins = ", ".join(map(str, self.inputs))
@@ -116,12 +116,15 @@ class CompiledModel:
         import tvm
         from tvm import relax
 
+        from slimfx.lowering.targets import resolve_target
+
         if self._device is None and not self.runnable_here:
             raise ArtifactError(
                 f"this model was built for {self.target.get('mtriple') or self.target['kind']} and "
                 "cannot run on this machine; run it on the device through RPC "
                 "(slimfx.runtime.load(path, remote=slimfx.runtime.rpc.connect(host, port)))")
-        dev = self._device if self._device is not None else tvm.cpu()
+        dev = self._device if self._device is not None else \
+            resolve_target(self.target).local_device()
         self._vm = relax.VirtualMachine(self._executable, dev)
         self._device_params = [tvm.runtime.tensor(p, device=dev) for p in self._params]
         self._dev = dev
