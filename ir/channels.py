@@ -79,7 +79,7 @@ class ChannelGroup:
 
     index: int
     members: list[tuple[str, int]]
-    sets: list[int]  # prunable channel-set ids (roots), in channel order of the first source
+    sets: list[int]  # prunable set ids (roots): the first source's in order, then the rest
     layers: set[str]  # module paths of the weighted layers involved
     source: tuple[str, int]  # the (param node, dim) the sets are counted along
     elements_per_set: int = 1
@@ -273,10 +273,14 @@ class ChannelAnalysis:
             e = self.elems(*src)
             roots = self._roots[e.start:e.stop]
             sets, seen = [], set()
-            for r in roots.tolist():
-                if r in self.prunable and r not in seen:
-                    seen.add(r)
-                    sets.append(r)
+            # The source's sets first, then those only other members hold (the outputs
+            # of a second conv concatenated with the first one's).
+            for name, d in [(src[0].name, src[1]), *members]:
+                m = self.elems(by_name[name], d)
+                for r in self._roots[m.start:m.stop].tolist():
+                    if r in self.prunable and r not in seen:
+                        seen.add(r)
+                        sets.append(r)
             if not sets:
                 continue
             per_set = int(np.sum(roots == sets[0]))
@@ -353,7 +357,7 @@ def _broadcast(ca: ChannelAnalysis, node: Node, inputs: Iterable, why: str) -> N
             continue
         off = len(out) - len(s)
         for d in range(len(s)):
-            if s[d] == out[d + off] and s[d] > 1:
+            if s[d] == out[d + off]:  # equal sizes, 1 included: a 1-channel tensor too
                 ca.tie(a, d, node, d + off, why)
 
 

@@ -22,6 +22,7 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Iterator, Sequence
@@ -277,6 +278,26 @@ class Graph:
             if key in old.meta:
                 new.meta[key] = old.meta[key]
         return new
+
+    @contextlib.contextmanager
+    def batchnorm_training(self):
+        """Run the graph's BatchNorms in training mode inside the block (fine-tuning).
+
+        Batch statistics normalise, and the running statistics are updated in place, as
+        ``nn.Module.train()`` does; the inference form returns on exit.  Fine-tuning a
+        pruned graph with its pre-pruning statistics frozen recovers far worse.
+        """
+        nodes = [n for n in self.gm.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
+        for n in nodes:
+            n.update_arg(5, True)  # batch_norm(x, w, b, mean, var, training, momentum, eps, cudnn)
+        self.gm.recompile()
+        try:
+            yield self
+        finally:
+            for n in nodes:
+                n.update_arg(5, False)
+            self.gm.recompile()
+            self._analysis = None  # the running statistics changed
 
     # ------------------------------------------------------------------ analyses
     def fingerprint(self) -> int:

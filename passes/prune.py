@@ -266,6 +266,10 @@ class _Plan:
     norm_scores: list[np.ndarray]
     unit: list[int]  # per group: kept count must be a multiple of this
     min_keep: list[int]
+    # Dims (of any tensor) whose every element is in a prunable set: the sets along each,
+    # most important first.  Removing them all would leave an empty tensor (a split part,
+    # a concat input), so the first one is kept.
+    guards: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
 
 
 def _plan(ca: ChannelAnalysis, opts: PruneOptions, data=None, loss_fn=None) -> _Plan:
@@ -283,7 +287,13 @@ def _plan(ca: ChannelAnalysis, opts: PruneOptions, data=None, loss_fn=None) -> _
         e = max(g.elements_per_set, 1)
         units.append(opts.round_to // math.gcd(opts.round_to, e))
         mins.append(max(1, math.ceil(opts.min_ratio * len(g.sets))))
-    return _Plan(groups, order, norms, units, mins)
+    score = {r: ns[i] for g, ns in zip(groups, norms) for i, r in enumerate(g.sets)}
+    guards = set()
+    for d in ca.dims.values():
+        rs = set(ca._roots[d.base:d.base + d.size].tolist())
+        if rs <= score.keys():
+            guards.add(tuple(sorted(rs, key=lambda r: (-score[r], r))))
+    return _Plan(groups, order, norms, units, mins, sorted(guards))
 
 
 def _constrain(plan: _Plan, gi: int, remove: int) -> int:
@@ -300,6 +310,9 @@ def _removal(plan: _Plan, counts: list[int]) -> set[int]:
         c = _constrain(plan, gi, c)
         sets = plan.groups[gi].sets
         removed.update(sets[i] for i in plan.order[gi][:c].tolist())
+    for rs in plan.guards:  # never empty a tensor dim
+        if all(r in removed for r in rs):
+            removed.discard(rs[0])
     return removed
 
 
@@ -583,12 +596,17 @@ def gradual_prune(graph: Graph, options: PruneOptions | None = None, *, steps: i
                   finetune: Callable[[Graph], None] | None = None,
                   evaluate: Callable[[Graph], float] | None = None,
                   min_metric: float | None = None, data=None, loss_fn=None,
+                  bn: Literal["train", "fixed"] = "train",
                   progress: Callable[[str], None] | None = print,
                   **option_kw) -> tuple[Graph, list[GradualStep]]:
     """The seed thesis's gradual global pruning: ``steps`` rounds, each pruning a slice of
     the budget globally, then ``finetune(graph)`` (train ``graph.gm`` in place), then
     ``evaluate(graph)``.  Stops at the budget, or when the metric falls below
     ``min_metric`` (that round is undone).  The input graph is not modified.
+
+    ``bn="train"`` (default) runs the graph's BatchNorms in training mode during
+    ``finetune`` (:meth:`Graph.batchnorm_training`), so their statistics follow the pruned
+    layers; ``"fixed"`` keeps the captured statistics.
 
     The budget in ``options`` (or ``macs=``, ``params=``, ``ratio=`` keywords) is the total
     over all rounds; each round removes an equal share of it (geometric in MACs/params).
@@ -617,7 +635,11 @@ def gradual_prune(graph: Graph, options: PruneOptions | None = None, *, steps: i
         step_opts = dataclasses.replace(opts, **{kind: share})
         pruned = PassManager([ChannelPruning(step_opts, data=data, loss_fn=loss_fn)]).run(current)
         if finetune is not None:
-            finetune(pruned)
+            if bn == "train":  # re-estimate BN statistics of the narrower layers while training
+                with pruned.batchnorm_training():
+                    finetune(pruned)
+            else:
+                finetune(pruned)
             pruned.analyze(force=True)
         metric = float(evaluate(pruned)) if evaluate is not None else None
         accepted = min_metric is None or metric is None or metric >= min_metric

@@ -202,3 +202,19 @@ def test_gradual_schedule_calls_back_and_stops_on_the_bound():
                                   evaluate=lambda graph: graph.macs() / g.macs(), min_metric=0.7)
     assert not hist2[-1].accepted and final2.macs() / g.macs() >= 0.7
     assert g.macs() == slimfx.capture(zoo.small_resnet(width=32, blocks=2), torch.randn(1, 3, 8, 8)).macs()
+
+
+def test_batchnorm_training_mode_updates_statistics_and_returns():
+    torch.manual_seed(0)
+    g = slimfx.capture(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(),
+                       torch.randn(2, 3, 8, 8))
+    before = g.param("1.running_mean").clone()
+    x = torch.randn(8, 3, 8, 8) + 3.0
+    with g.batchnorm_training():
+        y = g.gm(x)[0]
+        # Batch statistics normalise: per-channel mean ~0 over the batch.
+        assert y.mean((0, 2, 3)).abs().max() < 1e-4
+    assert not torch.equal(g.param("1.running_mean"), before)  # running stats were updated
+    bn = next(g.find(aten.batch_norm.default))
+    assert bn.args[5] is False  # back to inference form
+    g.lint()
