@@ -12,6 +12,8 @@ torch.Size([1, 4, 6, 6])
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,19 +22,59 @@ import slimfx
 from slimfx.ir import Graph, capture
 from slimfx.runtime.model import CompiledModel, io_specs
 
-from . import legalize  # noqa: F401  (registers the legalize-tvm pass)
+from . import (
+    cpu_schedules,
+    legalize,  # noqa: F401  (registers the legalize-tvm pass)
+    tuning,
+)
 from .relax import to_relax
-from .targets import LoweringError, resolve_target
+from .targets import LoweringError, TargetInfo, resolve_target
+from .tuning import TuneOptions, TuneStats
 
 __all__ = ["compile_graph", "build_relax"]
 
 
-def build_relax(mod, target):
-    """``relax.build`` for a resolved target (the one place the TVM build is called)."""
+def build_relax(mod, target: TargetInfo, *, fast: bool = True, tune: TuneOptions | None = None,
+                log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
+    """Build a Relax module (from :func:`to_relax`) for ``target``; the one place TVM builds.
+
+    With ``fast`` (the default) on an LLVM target, the module goes through
+    :func:`~slimfx.lowering.cpu_schedules.prepare` (blocked layouts, weight transforms
+    lifted into ``main_transform_params``, fusion), then kernels with tuning records
+    (``tune.records``, tuned first when ``tune.trials`` > 0) are built from their best
+    record and all others get slimfx's hand schedules.  Otherwise TVM's default pipeline
+    (plain loops) builds it.
+
+    Returns the executable and facts for the manifest: ``transform_params`` (the name of
+    the function the runtime calls once on the parameters, or None), the kernel kinds,
+    and tuning statistics.
+    """
     from tvm import relax
 
+    facts: dict[str, Any] = {"transform_params": None}
     try:
-        return relax.build(mod, target=target.tvm())
+        if not fast or target.kind != "llvm":
+            if tune is not None and tune.trials > 0:
+                raise LoweringError("tuning needs the fast lowering (fast=True) and an LLVM target")
+            return relax.build(mod, target=target.tvm()), facts
+        import tvm
+
+        t0 = time.perf_counter()
+        mod = cpu_schedules.prepare(mod, target)
+        if "main_transform_params" in [gv.name_hint for gv in mod.functions]:
+            facts["transform_params"] = "main_transform_params"
+        if tune is not None and tune.records is not None:
+            stats = tuning.tune(mod, target, tune, log=log) if tune.trials > 0 else TuneStats()
+            mod, stats.applied = tuning.apply_records(mod, target, tune.records)
+            facts["tuning"] = stats.as_dict()
+        mod = cpu_schedules.schedule(mod, target)
+        kinds = cpu_schedules.kernel_kinds(mod)
+        facts["kernels"] = {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))}
+        facts["schedule_s"] = round(time.perf_counter() - t0, 3)
+        mod = tvm.ir.transform.Sequential(cpu_schedules.lower_passes(target))(mod)
+        return relax.build(mod, target=target.tvm(), relax_pipeline=None), facts
+    except LoweringError:
+        raise
     except Exception as e:  # TVM raises many error types
         raise LoweringError(f"TVM build for {target.name} failed: {type(e).__name__}: {e}") from e
 
@@ -56,7 +98,9 @@ def _manifest(graph: Graph, prog, target, outputs) -> dict[str, Any]:
 
 def compile_graph(model: Graph | torch.nn.Module, example_inputs=None, *, target="host",
                   pipeline: str | None = None, example_kwargs: dict | None = None,
-                  check: bool = True, atol: float = 1e-4) -> CompiledModel:
+                  check: bool = True, atol: float = 1e-4, fast: bool = True, tune: int = 0,
+                  records: str | Path | None = None, tune_options: TuneOptions | None = None,
+                  verbose: bool = True) -> CompiledModel:
     """Lower and build a graph (or a model, captured first) for ``target``.
 
     Parameters
@@ -71,6 +115,20 @@ def compile_graph(model: Graph | torch.nn.Module, example_inputs=None, *, target
         Run the built program on the example inputs and require it to match the PyTorch
         graph within ``atol`` (relative to the output magnitude).  Recorded in
         ``compiled.parity``; skipped for targets this machine cannot run.
+    fast:
+        Blocked layouts and hand schedules (:mod:`slimfx.lowering.cpu_schedules`) for LLVM
+        targets; ``False`` builds TVM's plain loops (slow; for comparison).
+    tune:
+        MetaSchedule trial budget for the model's hot kernels (0: no tuning).  Needs
+        ``records``.  See :mod:`slimfx.lowering.tuning`.
+    records:
+        Folder of the tuning database: read (kernels with records are built from their
+        best one and never tuned again) and, when tuning, written.
+    tune_options:
+        Full :class:`~slimfx.lowering.tuning.TuneOptions`; ``tune``/``records`` override
+        its ``trials``/``records`` when given.
+    verbose:
+        Print tuning progress.
     """
     info = resolve_target(target)
     if isinstance(model, torch.nn.Module):
@@ -88,11 +146,22 @@ def compile_graph(model: Graph | torch.nn.Module, example_inputs=None, *, target
     t0 = time.perf_counter()
     prog = to_relax(graph)
     import_s = time.perf_counter() - t0
+    opts = tune_options or TuneOptions()
+    if tune or records is not None:
+        opts = TuneOptions(**{**opts.__dict__, "trials": tune or opts.trials,
+                              "records": records if records is not None else opts.records,
+                              "verbose": verbose})
     t0 = time.perf_counter()
-    ex = build_relax(prog.mod, info)
+    ex, facts = build_relax(prog.mod, info, fast=fast,
+                            tune=opts if opts.records is not None else None,
+                            log=print if verbose else (lambda _msg: None))
     build_s = time.perf_counter() - t0
     manifest = _manifest(graph, prog, info, expected)
-    manifest["build"] = {"import_s": round(import_s, 3), "build_s": round(build_s, 3)}
+    manifest["build"] = {"import_s": round(import_s, 3), "build_s": round(build_s, 3),
+                         "fast": fast and info.kind == "llvm",
+                         **{k: v for k, v in facts.items() if k != "transform_params"}}
+    if facts["transform_params"]:
+        manifest["transform_params"] = facts["transform_params"]
     compiled = CompiledModel(ex, prog.params, manifest)
     if check and info.local_device() is not None:
         got = compiled.run_numpy(*graph.example_inputs)

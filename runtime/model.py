@@ -128,6 +128,12 @@ class CompiledModel:
         self._vm = relax.VirtualMachine(self._executable, dev)
         self._device_params = [tvm.runtime.tensor(p, device=dev) for p in self._params]
         self._dev = dev
+        transform = self.manifest.get("transform_params")
+        if transform:  # weight re-layouts lifted out of main: run them once, here
+            self._vm.set_input(transform, *self._device_params)
+            self._vm.invoke_stateful(transform)
+            out = self._vm.get_outputs(transform)
+            self._device_params = [out] if hasattr(out, "numpy") else list(out)
         return self._vm
 
     def _check_inputs(self, args: Sequence) -> list[np.ndarray]:

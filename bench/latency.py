@@ -1,0 +1,181 @@
+"""Latency of slimfx-compiled zoo models vs PyTorch eager, torch.compile and ONNX Runtime.
+
+Per model (batch 1, plus one batch-8 row): median latency of PyTorch eager,
+torch.compile, ONNX Runtime (``pip install -e ".[bench]"``), slimfx untuned (hand
+schedules) and slimfx tuned (MetaSchedule with ``--trials`` per model, records in
+``--records``, reused by later runs), all timed in one process in alternating rounds so
+they see the same machine load; then slimfx-tuned / ONNX Runtime, and each compiled
+model's GFLOP/s as a fraction of this machine's large-GEMM GFLOP/s (torch matmul).
+
+    python bench/latency.py                                  # every model, no tuning
+    python bench/latency.py --models resnet18,small_resnet --trials 256 --records tuning/
+    python bench/latency.py --models small_resnet --rounds 3 --no-batch8
+"""
+
+from __future__ import annotations
+
+import os
+
+# TVM's worker threads spin after each parallel region and would slow whatever runs next
+# in this process (the peers are timed in alternation); ONNX Runtime's spinning is off too.
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import slimfx  # noqa: E402
+from slimfx import zoo  # noqa: E402
+from slimfx.ir.printing import format_table  # noqa: E402
+from slimfx.lowering import host_target  # noqa: E402
+
+#: Realistic input sizes per zoo model (image side).
+SIZES = {"resnet18": 224, "resnet50": 224, "vgg11": 224, "mobilenet_v2": 224,
+         "densenet": 224, "vit": 224, "small_resnet": 56}
+CNNS = ("resnet18", "resnet50", "vgg11", "mobilenet_v2", "densenet", "small_resnet")
+
+
+def gemm_gflops(n: int = 2048, runs: int = 5) -> float:
+    """GFLOP/s of a large float32 torch matmul on this machine (the roofline we compare to)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+def _timer(fn: Callable[[], object], runs: int) -> Callable[[], list[float]]:
+    def run() -> list[float]:
+        out = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    return run
+
+
+def _ort_session(model: torch.nn.Module, x: torch.Tensor, folder: str):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    path = os.path.join(folder, "model.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = host_target().num_cores
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def bench_model(name: str, batch: int, args) -> tuple[list[str], list[str]]:
+    size = args.size or SIZES[name]
+    torch.manual_seed(0)
+    kw = {"image_size": size} if name == "vit" else {}
+    model = zoo.get(name, **kw).eval()
+    x = torch.randn(batch, 3, size, size)
+    log = []
+    runners: dict[str, Callable[[], list[float]]] = {}
+    with torch.no_grad():
+        runners["eager"] = _timer(lambda: model(x), args.runs)
+        if not args.no_torch_compile:
+            compiled = torch.compile(model)
+            compiled(x)
+            runners["torch.compile"] = _timer(lambda: compiled(x), args.runs)
+    tmp = tempfile.mkdtemp(prefix="slimfx-bench-")
+    ort_run = _ort_session(model, x, tmp)
+    if ort_run is not None:
+        runners["onnxruntime"] = _timer(ort_run, args.runs)
+    t0 = time.perf_counter()
+    untuned = slimfx.compile(model, x, pipeline="fold-bn,dce", verbose=False)
+    log.append(f"untuned build {time.perf_counter() - t0:.1f} s")
+    xn = x.numpy()
+    runners["slimfx"] = lambda: [untuned.benchmark(xn, repeat=args.runs, warmup=0).median_ms]
+    tuned = None
+    if args.trials > 0 or args.records:
+        t0 = time.perf_counter()
+        tuned = slimfx.compile(model, x, pipeline="fold-bn,dce", tune=args.trials,
+                               records=args.records, verbose=args.verbose)
+        t = tuned.manifest["build"].get("tuning", {})
+        log.append(f"tuned build {time.perf_counter() - t0:.1f} s (budget {args.trials}; "
+                   f"{t.get('tuned', 0)} kernels tuned in {t.get('seconds', 0):.0f} s, "
+                   f"{t.get('cached', 0)} from records, {t.get('applied', 0)} applied)")
+        runners["slimfx tuned"] = lambda: [tuned.benchmark(xn, repeat=args.runs,
+                                                           warmup=0).median_ms]
+    for run in runners.values():  # warm-up
+        run()
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.rounds):  # alternating rounds
+        for k, run in runners.items():
+            samples[k] += run()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    best = med.get("slimfx tuned", med["slimfx"])
+    flops = 2 * untuned.manifest["graph"]["macs"]
+    gflops = flops / best / 1e6
+
+    def cell(k: str) -> str:
+        return f"{med[k]:.2f}" if k in med else "-"
+
+    ratio = f"{best / med['onnxruntime']:.2f}x" if "onnxruntime" in med else "-"
+    row = [name, f"{batch}x3x{size}x{size}", f"{flops / 1e9:.2f}", cell("eager"),
+           cell("torch.compile"), cell("onnxruntime"), cell("slimfx"), cell("slimfx tuned"),
+           ratio, f"{gflops:.1f}", f"{gflops / args.gemm:.0%}"]
+    return row, log
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(zoo.ZOO), help="comma-separated zoo names")
+    ap.add_argument("--size", type=int, default=0, help="input side for every model "
+                    "(default: realistic per model, e.g. 224; small_resnet 56)")
+    ap.add_argument("--trials", type=int, default=0, help="MetaSchedule budget per model")
+    ap.add_argument("--records", default=None, help="tuning records folder (reused)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per runner per round")
+    ap.add_argument("--batch8", default="resnet18",
+                    help="model for the batch-8 row ('' for none)")
+    ap.add_argument("--no-torch-compile", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="show tuning progress")
+    args = ap.parse_args()
+    if args.trials > 0 and not args.records:
+        args.records = "tuning-records"
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(host_target().num_cores)
+    args.gemm = gemm_gflops()
+    jobs = [(m, 1) for m in args.models.split(",") if m]
+    if args.batch8:
+        jobs.append((args.batch8, 8))
+    rows = []
+    for name, batch in jobs:
+        try:
+            row, log = bench_model(name, batch, args)
+        except Exception as e:  # noqa: BLE001  (one model failing must not lose the table)
+            row, log = [name, f"batch {batch}", "-", *["-"] * 8], [f"FAILED: {e}"[:300]]
+        rows.append(row)
+        print(f"... {name} batch {batch}: " + "; ".join(log), flush=True)
+    t = host_target()
+    print(f"\nhost {t.config['mcpu']}, {t.num_cores} cores, {t.vector_bits}-bit vectors; "
+          f"torch GEMM {args.gemm:.1f} GFLOP/s; medians (ms) of {args.rounds} alternating "
+          f"rounds x {args.runs} runs; tuning budget {args.trials} trials/model"
+          + (f", records {args.records}" if args.records else ""))
+    print(format_table(["model", "input", "GFLOP", "eager", "torch.compile", "ORT",
+                        "slimfx", "slimfx tuned", "best/ORT", "GFLOP/s", "of GEMM"],
+                       rows, right=set(range(2, 11))))
+    np.set_printoptions()
+
+
+if __name__ == "__main__":
+    main()

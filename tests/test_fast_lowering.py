@@ -1,0 +1,164 @@
+"""Fast lowering: blocked-layout convolutions, hand schedules and tuning records.
+
+Each schedule/legalization is checked against PyTorch on small shapes (channel counts the
+vector block does not divide, strides, padding, dilation, depthwise and grouped convs,
+1x1, a 3-channel stem, pooling, linear layers); the blocked path is shown to be used;
+tuning records are shown to be reused.  No timing assertions: speed lives in bench/.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import slimfx
+from slimfx.lowering import cpu_schedules as cs
+from slimfx.lowering import host_target, resolve_target, to_relax, tuning
+
+
+def _check(model, x, **kw):
+    model = model.eval()
+    cm = slimfx.compile(model, x, **kw)
+    assert cm.parity["max_abs_error"] <= cm.parity["tolerance"]
+    y = torch.randn_like(x)  # a fresh input, not the one checked at build
+    with torch.no_grad():
+        ref = model(y)
+    assert (cm(y) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    return cm
+
+
+CONVS = {
+    # name: (cin, cout, kernel, stride, padding, dilation, groups, size)
+    "stem3": (3, 16, 7, 2, 3, 1, 1, 20),
+    "3x3": (16, 32, 3, 1, 1, 1, 1, 9),
+    "3x3-stride2": (32, 16, 3, 2, 1, 1, 1, 11),
+    "1x1": (32, 64, 1, 1, 0, 1, 1, 7),
+    "1x1-stride2": (16, 32, 1, 2, 0, 1, 1, 8),
+    "odd-channels": (24, 40, 3, 1, 1, 1, 1, 7),  # 24, 40: not multiples of 16
+    "few-channels": (5, 6, 3, 1, 0, 1, 1, 9),  # fewer channels than a vector
+    "dilated": (16, 16, 3, 1, 2, 2, 1, 10),
+    "no-padding": (16, 16, 3, 1, 0, 1, 1, 13),
+    "depthwise": (32, 32, 3, 1, 1, 1, 32, 9),
+    "depthwise-stride2-odd": (24, 24, 3, 2, 1, 1, 24, 11),
+    "grouped": (16, 32, 3, 1, 1, 1, 4, 8),  # stays NCHW (generic schedule)
+}
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_matches_pytorch(name):
+    cin, cout, k, s, p, d, g, size = CONVS[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, s, p, d, groups=g), nn.ReLU())
+    cm = _check(model, torch.randn(1, cin, size, size))
+    kinds = cm.manifest["build"]["kernels"]
+    if g == 1:
+        assert kinds.get("conv", 0) == 1
+    elif g == cin:
+        assert kinds.get("dwconv", 0) == 1
+
+
+def test_residual_block_with_pooling_and_linear():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 24, 3, padding=1)
+            self.bn = nn.BatchNorm2d(24)
+            self.conv = nn.Conv2d(24, 24, 3, padding=1, bias=False)
+            self.pool = nn.MaxPool2d(3, 2, 1)
+            self.fc = nn.Linear(24, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.stem(x)))
+            y = torch.relu(self.conv(y) + y)
+            y = self.pool(y)
+            return self.fc(nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+    torch.manual_seed(0)
+    cm = _check(Net(), torch.randn(2, 3, 12, 12), pipeline="fold-bn,dce")
+    assert cm.manifest["build"]["kernels"]["conv"] == 2
+    assert cm.manifest["transform_params"] == "main_transform_params"
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_linear_layers(rows):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 64), nn.GELU(), nn.Linear(64, 24))
+    cm = _check(model, torch.randn(rows, 40))
+    assert cm.manifest["build"]["kernels"].get("matmul", 0) >= 1
+
+
+def test_blocked_layout_is_used_and_weights_are_lifted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1)).eval()
+    g = slimfx.run_pipeline(slimfx.capture(model, (torch.randn(1, 3, 8, 8),)), "legalize-tvm")
+    info = host_target()
+    mod = cs.prepare(to_relax(g).mod, info)
+    lanes = info.vector_bits // 32
+    text = mod["main"].script(show_meta=False)
+    assert f"NCHW{cs.channel_block(32, lanes)}c" not in text  # legalized: no Relax conv left
+    convs = [gv.name_hint for gv, f in mod.functions.items() if "conv2d_nchwc" in gv.name_hint]
+    assert len(convs) == 2
+    assert cs.kernel_kind(mod[convs[0]]) == "conv"
+    # kernels re-laid out once, in main_transform_params, not in main
+    transform = mod["main_transform_params_tuple"].script(show_meta=False)
+    assert "layout_transform" in transform
+    assert "layout_transform" not in " ".join(
+        n for n in text.split() if "p_" in n and "weight" in n)
+    scheduled = cs.schedule(mod, info)
+    assert set(cs.kernel_kinds(scheduled).values()) <= {"conv", "generic", "matmul", "dwconv"}
+
+
+def test_channel_blocks():
+    assert cs.channel_block(64, 16) == 16 and cs.channel_block(3, 16) == 3
+    assert cs.channel_block(24, 16) == 8 and cs.channel_block(40, 16) == 8
+    assert cs.channel_block(64, 4) == 4 and cs.channel_block(6, 8) == 6
+
+
+def test_aarch64_uses_128_bit_blocks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()).eval()
+    info = resolve_target("aarch64")
+    assert info.vector_bits == 128
+    g = slimfx.run_pipeline(slimfx.capture(model, (torch.randn(1, 8, 8, 8),)), "legalize-tvm")
+    mod = cs.prepare(to_relax(g).mod, info)
+    transform = mod["main_transform_params_tuple"].script(show_meta=False)
+    assert "(4, 2, 3, 3, 4, 4)" in transform  # OIHW4i4o: 128-bit NEON vectors
+    cm = slimfx.compile(model, torch.randn(1, 8, 8, 8), target="aarch64")
+    assert cm.parity is None and cm.manifest["build"]["kernels"]["conv"] == 1
+
+
+def test_plain_build_still_available():
+    torch.manual_seed(0)
+    cm = _check(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), torch.randn(1, 3, 8, 8), fast=False)
+    assert cm.manifest["build"]["fast"] is False and "transform_params" not in cm.manifest
+
+
+def test_tuning_records_are_reused(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 8, 6, 6)
+    records = tmp_path / "records"
+    opts = tuning.TuneOptions(trials=4, records=records, trials_per_iter=4, verbose=False,
+                              strategy="replay-trace")
+    first = _check(model, x, tune_options=opts)
+    t = first.manifest["build"]["tuning"]
+    assert (t["tasks"], t["tuned"], t["cached"], t["applied"]) == (1, 1, 0, 1)
+    assert any(records.glob("database_tuning_record.json"))
+
+    from tvm.s_tir import meta_schedule as ms
+
+    def no_tuning(**_kw):
+        raise AssertionError("a rebuild with records present must not tune")
+
+    monkeypatch.setattr(ms, "tune_tasks", no_tuning)
+    again = _check(model, x, tune=4, records=records, verbose=False)
+    t = again.manifest["build"]["tuning"]
+    assert (t["tuned"], t["cached"], t["applied"], t["trials"]) == (0, 1, 1, 0)
+    assert again.manifest["build"]["kernels"].get("tuned") == 1
+
+
+def test_tuning_option_errors():
+    with pytest.raises(slimfx.SlimfxError, match="needs a records folder"):
+        tuning.TuneOptions(trials=8)
+    with pytest.raises(slimfx.SlimfxError, match="must be >= 0"):
+        tuning.TuneOptions(trials=-1, records="x")
