@@ -92,17 +92,22 @@ def parse_input_spec(text: str, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 2, shape, generator=gen, dtype=dtype)
 
 
-def _cmd_inspect(args) -> int:
-    import slimfx
-    from slimfx.ir import draw, format_graph, layer_table
-    from slimfx.passes import DumpIR, PassManager, PrintAfterChange, Statistics, Timing
-
+def _model_and_inputs(args) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """Import --load modules, build MODULE:FACTORY, and make the --input-shape tensors."""
     for mod in args.load or ():
         _import_module(mod)
     model = load_factory(args.model)
     if not args.input_shape:
         raise CliError("give at least one --input-shape (e.g. --input-shape 1,3,224,224)")
-    inputs = tuple(parse_input_spec(s, seed=i) for i, s in enumerate(args.input_shape))
+    return model, tuple(parse_input_spec(s, seed=i) for i, s in enumerate(args.input_shape))
+
+
+def _cmd_inspect(args) -> int:
+    import slimfx
+    from slimfx.ir import draw, format_graph, layer_table
+    from slimfx.passes import DumpIR, PassManager, PrintAfterChange, Statistics, Timing
+
+    model, inputs = _model_and_inputs(args)
     graph = slimfx.capture(model, inputs)
     out = sys.stdout
     final = graph
@@ -137,12 +142,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_compile(args) -> int:
     import slimfx
 
-    for mod in args.load or ():
-        _import_module(mod)
-    model = load_factory(args.model)
-    if not args.input_shape:
-        raise CliError("give at least one --input-shape (e.g. --input-shape 1,3,224,224)")
-    inputs = tuple(parse_input_spec(s, seed=i) for i, s in enumerate(args.input_shape))
+    model, inputs = _model_and_inputs(args)
     compiled = slimfx.compile(model, inputs, target=args.target, pipeline=args.pipeline)
     path = compiled.save(args.output)
     m = compiled.manifest
