@@ -510,6 +510,10 @@ def apply_pruning(ca: ChannelAnalysis, removed: set[int]) -> Graph:
     graph = ca.graph
     sh = _Shapes(ca, removed)
     expected = {n: sh.new_shape(n) for n in graph.fx.nodes if ca.shape(n) is not None}
+    for n, shape in expected.items():
+        if 0 in shape and 0 not in ca.shape(n):
+            raise GraphError(f"pruning these channel sets would leave {n.name} empty "
+                             f"(shape {shape}); keep at least one of its channels", n)
     # Parameters: slice every pruned dim.  get_attr nodes reading one attribute with
     # different masks get their own copies.
     by_target: dict[str, list[Node]] = defaultdict(list)

@@ -218,3 +218,14 @@ def test_batchnorm_training_mode_updates_statistics_and_returns():
     bn = next(g.find(aten.batch_norm.default))
     assert bn.args[5] is False  # back to inference form
     g.lint()
+
+
+def test_apply_pruning_refuses_to_empty_a_tensor():
+    from slimfx.ir.channels import ChannelAnalysis
+    from slimfx.passes.prune import apply_pruning
+
+    g = slimfx.capture(Residual().eval(), torch.randn(1, 3, 8, 8))
+    ca = ChannelAnalysis(g)
+    everything = set(ca.groups()[0].sets)
+    with pytest.raises(GraphError, match="would leave .* empty"):
+        apply_pruning(ca, everything)
