@@ -28,6 +28,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import time
 from collections import defaultdict
@@ -61,6 +62,10 @@ class PruneOptions:
 
     ratio: fraction of prunable channel sets to remove.
     macs / params: fraction of the graph's MACs / parameters to keep (e.g. 0.5 halves it).
+    exclude: module paths whose layers keep their shape (a path excludes its submodules).
+    only: module-path patterns (``fnmatch``): prune only the groups whose channels are
+        produced by a matching layer; ``only=[*.f0]`` prunes just the ranks that
+        ``factorize`` (SVD form) introduced.
     """
 
     ratio: float | None = None
@@ -72,6 +77,7 @@ class PruneOptions:
     round_to: int = 8
     min_ratio: float = 0.1
     exclude: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
@@ -272,8 +278,23 @@ class _Plan:
     guards: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
 
 
+def _source_layer(ca: ChannelAnalysis, group) -> str:
+    """Module path of the layer that produces a group's channels (reads its source param)."""
+    node = next(n for n in ca.graph.fx.nodes if n.name == group.source[0])
+    if node.op == "get_attr":
+        node = next(iter(node.users), node)
+    return node.meta.get("module_path", node.name)
+
+
 def _plan(ca: ChannelAnalysis, opts: PruneOptions, data=None, loss_fn=None) -> _Plan:
     groups = ca.groups()
+    if opts.only:
+        sources = [_source_layer(ca, g) for g in groups]
+        groups = [g for g, src in zip(groups, sources)
+                  if any(fnmatch.fnmatchcase(src, p) for p in opts.only)]
+        if not groups:
+            raise GraphError(f"only={list(opts.only)} matches no prunable group; the groups' "
+                             f"producing layers are: {', '.join(sources) or 'none'}")
     all_roots = [r for g in groups for r in g.sets]
     raw = score_sets(ca, all_roots, opts.criterion, seed=opts.seed, data=data, loss_fn=loss_fn)
     order, norms, units, mins = [], [], [], []

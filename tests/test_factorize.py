@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import slimfx
-from slimfx.errors import PipelineError
+from slimfx.errors import PassError, PipelineError
 from slimfx.ir.channels import ChannelAnalysis
 from slimfx.passes import PassManager
 from slimfx.passes.factorize import Factorize, FactorizeOptions, svd_factors, tucker2_factors
@@ -196,3 +196,17 @@ def test_factorize_then_prune_compiles_with_parity():
     assert small.macs() < 0.5 * g.macs()
     cm = slimfx.compile(small)
     torch.testing.assert_close(cm(x), small(x), atol=1e-4, rtol=1e-4)
+
+
+def test_prune_only_the_ranks():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    x = torch.randn(1, 8, 6, 6)
+    f = slimfx.run_pipeline(slimfx.capture(m.eval(), x), "factorize")
+    p = slimfx.run_pipeline(f, "prune-channels{ratio=0.5,strategy=uniform,only=[*.f0]}")
+    # the ranks shrink (conv 0: full rank min(32, 72) = 32 -> 16); the 32 channels between
+    # the two original layers stay
+    assert _weights(p, "0") == [(16, 8, 3, 3), (32, 16, 1, 1)]
+    assert _weights(p, "2") == [(16, 32, 3, 3), (32, 16, 1, 1)]
+    with pytest.raises(PassError, match=r"matches no prunable group.*0\.f1"):
+        slimfx.run_pipeline(f, "prune-channels{ratio=0.5,only=[head*]}")
