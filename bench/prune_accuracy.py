@@ -378,46 +378,44 @@ def _tp_version() -> str:
         return ""
 
 
-# ================================================================================ main
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", choices=["mnist", "digits"], default="mnist")
-    ap.add_argument("--width", type=int, default=16, help="stem/stage-1 channels")
-    ap.add_argument("--epochs", type=int, default=6, help="baseline training epochs")
-    ap.add_argument("--lr", type=float, default=0.1, help="baseline peak learning rate")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--finetune-steps", type=int, default=150,
-                    help="SGD steps of fine-tuning per pruned model (all rounds together)")
-    ap.add_argument("--finetune-lr", type=float, default=0.01)
-    ap.add_argument("--steps", type=int, default=3, help="gradual / iterative pruning rounds")
-    ap.add_argument("--round-to", type=int, default=8,
-                    help="kept channels rounded to a multiple of this (both tools; 8 is "
-                         "PruneOptions' default)")
-    ap.add_argument("--targets", default="2,3", help="MAC reduction factors")
-    ap.add_argument("--tp-search", type=int, default=16,
-                    help="bisection steps for TP's pruning_ratio, per round")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating benchmark rounds")
-    ap.add_argument("--repeat", type=int, default=10, help="timed runs per benchmark call")
-    ap.add_argument("--number", type=int, default=10,
-                    help="calls averaged in each timed run (the models run in well under 1 ms)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads and TVM_NUM_THREADS (1 is steadiest on a shared machine)")
-    ap.add_argument("--no-latency", action="store_true", help="skip compiling and timing")
-    ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: 2 epochs, 40 fine-tune steps, 2 rounds, 2 bench rounds")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    if args.quick:
-        args.epochs, args.finetune_steps, args.steps = 2, 40, 2
-        args.rounds, args.repeat, args.tp_search = 2, 5, 10
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # read when TVM's pool starts
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+# ================================================================================ latency
+def measure_latency(results: list[Result], args) -> None:
+    """Compile every result's graph for the host (fold-bn,dce; batch 1) and set
+    ``r.latency``: the median over ``args.rounds`` alternating rounds (every model once
+    per round, order rotated) of ``CompiledModel.benchmark`` medians."""
+    log(f"compiling {len(results)} models for the host (fold-bn,dce; batch 1)")
+    for r in results:
+        r.compiled = slimfx.compile(r.graph, target="host", pipeline="fold-bn,dce")
+    per: list[list[float]] = [[] for _ in results]
+    for k in range(args.rounds):
+        order = list(range(len(results)))
+        order = order[k % len(order):] + order[:k % len(order)]
+        for i in order:
+            per[i].append(results[i].compiled.benchmark(
+                repeat=args.repeat, number=args.number, warmup=3).median_ms)
+    for r, times in zip(results, per):
+        r.latency = statistics.median(times)
+    log("benchmark done")
 
-    # ---------------------------------------------------------------- baseline
+
+def latency_note(baseline: Result, args) -> str:
+    """One line saying how latency was measured."""
+    from slimfx.lowering import host_target
+
+    t = host_target()
+    fast = baseline.compiled.manifest.get("build", {}).get("fast")
+    lowering = {True: "fast lowering (blocked layouts, hand schedules)",
+                False: "plain TVM loops"}.get(fast, "default lowering")
+    return (f"latency: slimfx.compile(target='host', pipeline='fold-bn,dce'), {lowering}, no "
+            f"tuning, batch 1; host {t.config.get('mcpu')} ({t.vector_bits}-bit vectors), "
+            f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}; median over {args.rounds} "
+            f"alternating rounds of CompiledModel.benchmark(repeat={args.repeat}, "
+            f"number={args.number}) medians")
+
+
+def train_baseline(args):
+    """Load the data and train the baseline DigitResNet; returns (model, data, example,
+    source, baseline accuracy)."""
     x_tr, y_tr, x_te, y_te, source = load_data(args.dataset, args.seed)
     data = (x_tr, y_tr, x_te, y_te)
     example = torch.zeros(1, *x_tr.shape[1:])
@@ -441,6 +439,64 @@ def main() -> None:
     base_acc = accuracy(model, x_te, y_te)
     log(f"baseline: {args.epochs} epochs ({args.epochs * per_epoch} steps) in "
         f"{time.perf_counter() - t:.0f} s, mean loss {loss:.3f}, test accuracy {base_acc:.2f}%")
+    return model, data, example, source, base_acc
+
+
+# ================================================================================ main
+def common_args(description: str) -> argparse.ArgumentParser:
+    """The options every pruning benchmark on DigitResNet shares."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--dataset", choices=["mnist", "digits"], default="mnist")
+    ap.add_argument("--width", type=int, default=16, help="stem/stage-1 channels")
+    ap.add_argument("--epochs", type=int, default=6, help="baseline training epochs")
+    ap.add_argument("--lr", type=float, default=0.1, help="baseline peak learning rate")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--finetune-steps", type=int, default=150,
+                    help="SGD steps of fine-tuning per pruned model (all rounds together)")
+    ap.add_argument("--finetune-lr", type=float, default=0.01)
+    ap.add_argument("--steps", type=int, default=3, help="gradual / iterative pruning rounds")
+    ap.add_argument("--round-to", type=int, default=8,
+                    help="kept channels rounded to a multiple of this (8 is PruneOptions' "
+                         "default)")
+    ap.add_argument("--targets", default="2,3", help="MAC reduction factors")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating benchmark rounds")
+    ap.add_argument("--repeat", type=int, default=10, help="timed runs per benchmark call")
+    ap.add_argument("--number", type=int, default=10,
+                    help="calls averaged in each timed run (the models run in well under 1 ms)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads and TVM_NUM_THREADS (1 is steadiest on a shared machine)")
+    ap.add_argument("--no-latency", action="store_true", help="skip compiling and timing")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 2 epochs, 40 fine-tune steps, 2 rounds, 2 bench rounds")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def setup(args) -> None:
+    """Apply --quick, quiet warnings, set threads and seeds."""
+    if args.quick:
+        args.epochs, args.finetune_steps, args.steps = 2, 40, 2
+        args.rounds, args.repeat = 2, 5
+        if hasattr(args, "tp_search"):
+            args.tp_search = 10
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # read when TVM's pool starts
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+
+def main() -> None:
+    ap = common_args(__doc__.splitlines()[0])
+    ap.add_argument("--tp-search", type=int, default=16,
+                    help="bisection steps for TP's pruning_ratio, per round")
+    args = ap.parse_args()
+    setup(args)
+
+    # ---------------------------------------------------------------- baseline
+    model, data, example, source, base_acc = train_baseline(args)
+    x_tr, y_tr, x_te, y_te = data
 
     base = slimfx.capture(model, example)
     graph_acc = accuracy(graph_forward(base), x_te, y_te)
@@ -467,19 +523,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- latency
     if not args.no_latency:
-        log(f"compiling {len(results)} models for the host (fold-bn,dce; batch 1)")
-        for r in results:
-            r.compiled = slimfx.compile(r.graph, target="host", pipeline="fold-bn,dce")
-        per: list[list[float]] = [[] for _ in results]
-        for k in range(args.rounds):  # alternate: every model once per round, rotated order
-            order = list(range(len(results)))
-            order = order[k % len(order):] + order[:k % len(order)]
-            for i in order:
-                per[i].append(results[i].compiled.benchmark(
-                    repeat=args.repeat, number=args.number, warmup=3).median_ms)
-        for r, times in zip(results, per):
-            r.latency = statistics.median(times)
-        log("benchmark done")
+        measure_latency(results, args)
 
     # ---------------------------------------------------------------- report
     rows = []
@@ -498,17 +542,7 @@ def main() -> None:
           f"(batch {args.batch}, lr {args.finetune_lr}, cosine) per pruned model; "
           f"{args.steps} rounds for gradual/iterative; round_to={args.round_to}; seed {args.seed}")
     if not args.no_latency:
-        from slimfx.lowering import host_target
-
-        t = host_target()
-        fast = baseline.compiled.manifest.get("build", {}).get("fast")
-        lowering = {True: "fast lowering (blocked layouts, hand schedules)",
-                    False: "plain TVM loops"}.get(fast, "default lowering")
-        print(f"latency: slimfx.compile(target='host', pipeline='fold-bn,dce'), {lowering}, no "
-              f"tuning, batch 1; host {t.config.get('mcpu')} ({t.vector_bits}-bit vectors), "
-              f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}; median over {args.rounds} "
-              f"alternating rounds of CompiledModel.benchmark(repeat={args.repeat}, "
-              f"number={args.number}) medians")
+        print(latency_note(baseline, args))
     print("acc pre-FT = right after pruning (gradual/iterative: after the last round's prune, "
           "before its fine-tuning); acc = after the whole fine-tune budget")
     print("lat ratio = latency / unpruned latency; speed eff = MACs ratio / lat ratio "
