@@ -261,11 +261,15 @@ def finetune_graph(graph: slimfx.Graph, stream: BatchStream, steps: int, args, b
 BN_LABEL = {"train": "FT with BN in train mode", "fixed": "FT with BN stats fixed"}
 
 
-def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str) -> Result:
+def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str,
+                   method: str | None = None, criterion: str = "l1", **prune_kw) -> Result:
+    """Gradual global pruning (normalize=mean) of ``base`` to ``keep`` of its MACs, with
+    the shared fine-tune budget split over the rounds; ``prune_kw`` go to PruneOptions."""
     x_tr, y_tr, x_te, y_te = data
     stream = BatchStream(x_tr, y_tr, args.batch, args.seed + 1)
     budget = split_steps(args.finetune_steps, args.steps)
     pre: list[float] = []
+    method = method or f"slimfx gradual global norm=mean, {BN_LABEL[bn]}"
 
     def evaluate(g):
         return accuracy(graph_forward(g), x_te, y_te)
@@ -275,12 +279,11 @@ def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str) -> R
         finetune_graph(g, stream, budget[len(pre) - 1], args, bn)
 
     small, history = gradual_prune(
-        base, macs=keep, steps=args.steps, criterion="l1", normalize="mean", strategy="global",
-        round_to=args.round_to, finetune=finetune, evaluate=evaluate,
+        base, macs=keep, steps=args.steps, criterion=criterion, normalize="mean",
+        strategy="global", round_to=args.round_to, finetune=finetune, evaluate=evaluate,
         bn="fixed",  # finetune() below switches BN itself, after measuring pre-FT accuracy
-        progress=lambda s: log(f"    slimfx gradual, BN {bn}: " + s))
-    return Result(f"slimfx gradual global norm=mean, {BN_LABEL[bn]}", "", small, pre[-1],
-                  history[-1].metric)
+        progress=lambda s: log(f"    {method}: " + s), **prune_kw)
+    return Result(method, "", small, pre[-1], history[-1].metric)
 
 
 def slimfx_oneshot(base: slimfx.Graph, keep: float, args, data, *, normalize: str,
