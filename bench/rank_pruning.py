@@ -65,7 +65,7 @@ def truncated_svd(base: slimfx.Graph, target_macs: float, args, data) -> Result:
     """``factorize{rank=ratio}`` with the ratio bisected to ``target_macs``, fine-tuned."""
     x_tr, y_tr, x_te, y_te = data
     lo, hi, tried = 0.0, 1.0, []
-    for _ in range(14):  # the largest ratio whose MACs do not exceed the target
+    for _ in range(14):
         mid = (lo + hi) / 2
         opts = FactorizeOptions(rank="ratio", ratio=max(mid, 1e-3), round_to=args.round_to)
         g = PassManager([Factorize(opts)]).run(base)
@@ -74,10 +74,9 @@ def truncated_svd(base: slimfx.Graph, target_macs: float, args, data) -> Result:
             hi = mid
         else:
             lo = mid
-    under = [t for t in tried if t[1].macs() <= target_macs]
-    # when no ratio gets there (layers whose factors would cost more stay dense), the
-    # cheapest one, with a note
-    best = max(under, key=lambda t: t[1].macs()) if under else min(tried, key=lambda t: t[1].macs())
+    # ranks move in steps of round_to, so the MACs jump: the closest to the target (a
+    # note flags it when more than 3% off)
+    best = min(tried, key=lambda t: abs(t[1].macs() - target_macs))
     ratio, g = best
     pre = accuracy(graph_forward(g), x_te, y_te)
     stream = BatchStream(x_tr, y_tr, args.batch, args.seed + 1)
