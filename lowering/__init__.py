@@ -1,6 +1,9 @@
 """Lowering: slimfx IR -> TVM Relax -> a program built for a target."""
 
-from . import aten_fixes  # noqa: F401  (registers slimfx's lowerings of mis-converted ATen ops)
+from . import (
+    aten_fixes,  # noqa: F401  (registers slimfx's lowerings of mis-converted ATen ops)
+    shared_weights,  # noqa: F401  (lowerings of the weight-sharing ops)
+)
 from .relax import RelaxProgram, lowerings, register_lowering, supported_ops, to_relax
 from .targets import PRESETS, LoweringError, TargetInfo, host_target, resolve_target
 

@@ -1,12 +1,20 @@
 """Passes: the pass manager, instruments, the pipeline parser, and the built-in passes.
 
 Built-in passes register themselves by name on import: ``fold-bn``, ``dce``,
-``const-fold``, ``prune-channels``, ``factorize``.  ``slimfx.passes.list_passes()`` lists every registered pass.
+``const-fold``, ``prune-channels``, ``factorize``, ``share-weights``, ``hash-weights``.
+``slimfx.passes.list_passes()`` lists every registered pass.
 """
 
 from slimfx.ir.pattern import P, Rewriter, Rule, Rules, match, rewrite
 
-from . import const_fold, dce, factorize, fold_bn, prune  # noqa: F401  (register the built-in passes)
+from . import (  # noqa: F401  (register the built-in passes)
+    const_fold,
+    dce,
+    factorize,
+    fold_bn,
+    prune,
+    share_weights,  # noqa: F401  (share-weights, hash-weights)
+)
 from .base import (
     NoOptions,
     Pass,
