@@ -199,11 +199,15 @@ class CompiledModel:
         return Latency(statistics.median(times), min(times), max(times), len(times))
 
     # ------------------------------------------------------------------ saving
-    def save(self, path) -> str:
-        """Write the artifact folder (library, parameters, manifest); returns its path."""
+    def save(self, path, *, index_coding: str = "bitpack") -> str:
+        """Write the artifact folder (library, parameters, manifest); returns its path.
+
+        ``index_coding`` (``bitpack``, ``huffman`` or ``none``) chooses how codebook
+        indices (``uint8`` parameters of shared weights) are stored.
+        """
         from .artifact import save
 
-        return save(self, path)
+        return save(self, path, index_coding=index_coding)
 
 
 def io_specs(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[dict]:

@@ -206,7 +206,7 @@ def _payloads(path: Path) -> dict[str, int]:
 def test_artifact_stores_packed_indices_and_reloads_exactly(mixed, compiled, coding, tmp_path):
     y = compiled(X.numpy())
     np.testing.assert_allclose(y, mixed(X).detach().numpy(), rtol=1e-5, atol=1e-5)
-    path = Path(artifact.save(compiled, tmp_path / coding, index_coding=coding))
+    path = Path(compiled.save(tmp_path / coding, index_coding=coding))
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["format_version"] == 2
     report = {r.name: r for r in storage_report(mixed).rows}
