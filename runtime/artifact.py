@@ -287,10 +287,12 @@ def _export_library(model: CompiledModel, dest: Path) -> None:
 
     info = resolve_target(model.target)
     fcompile = fcompile_for(info)
+    # "-s": no static symbol table or debug sections (about half the library); the
+    # runtime finds its functions through the dynamic symbol table, which stays
     if fcompile is None:
-        model._executable.export_library(str(dest))
+        model._executable.export_library(str(dest), options=["-s"])
     else:
-        model._executable.export_library(str(dest), fcompile=fcompile)
+        model._executable.export_library(str(dest), fcompile=fcompile, options=["-s"])
 
 
 def save(model: CompiledModel, path, *, index_coding: str = "bitpack") -> str:
