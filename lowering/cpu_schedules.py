@@ -42,13 +42,19 @@ from typing import Any
 from .targets import LoweringError, TargetInfo
 
 __all__ = [
-    "CONV_BLOCK", "DWCONV_BLOCK", "PrepareOptions", "channel_block", "prepare", "schedule",
+    "ANCHOR_SCHEDULES", "CONV_BLOCK", "DWCONV_BLOCK", "PrepareOptions", "channel_block",
+    "prepare", "schedule",
     "schedule_primfunc", "hand_schedule", "kernel_kind", "kernel_kinds", "lower_passes",
 ]
 
 #: Block names of slimfx's blocked convolution computes (the anchors the schedules find).
 CONV_BLOCK = "conv2d_NCHWc"
 DWCONV_BLOCK = "dwconv2d_NCHWc"
+
+#: Hand schedules of kernels that other lowerings define, by the name prefix of their
+#: anchor block: ``{prefix: (kind, fn(sch, block, lanes))}`` (e.g. the Winograd transforms
+#: of :mod:`slimfx.lowering.fast_conv`).  A schedule that raises falls back to the generic one.
+ANCHOR_SCHEDULES: dict[str, tuple[str, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -555,6 +561,9 @@ def _anchor(sch):
     best = None
     for b in _blocks(sch):
         name = _block_name(sch, b)
+        for prefix, (kind, _fn) in ANCHOR_SCHEDULES.items():
+            if name.startswith(prefix):
+                return kind, b
         if name.startswith(CONV_BLOCK):
             return "conv", b
         if name.startswith(DWCONV_BLOCK):
@@ -583,6 +592,10 @@ def _hand_schedule(func, info: TargetInfo):
             return sch, kind
         if kind == "matmul" and _schedule_matmul(sch, block, lanes):
             return sch, kind
+        for registered_kind, fn in ANCHOR_SCHEDULES.values():
+            if kind == registered_kind:
+                fn(sch, block, lanes)
+                return sch, kind
     except Exception:  # noqa: BLE001, S110  (falls back to the generic schedule below)
         pass
     sch = s_tir.Schedule(func)

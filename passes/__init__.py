@@ -1,7 +1,8 @@
 """Passes: the pass manager, instruments, the pipeline parser, and the built-in passes.
 
 Built-in passes register themselves by name on import: ``fold-bn``, ``dce``,
-``const-fold``, ``prune-channels``, ``factorize``, ``share-weights``, ``hash-weights``.
+``const-fold``, ``prune-channels``, ``share-weights``, ``hash-weights``,
+``winograd``, ``fft-conv``, ``select-conv-algo``.
 ``slimfx.passes.list_passes()`` lists every registered pass.
 """
 
@@ -11,6 +12,7 @@ from . import (  # noqa: F401  (register the built-in passes)
     const_fold,
     dce,
     factorize,
+    fast_conv,  # noqa: F401  (winograd, fft-conv, select-conv-algo)
     fold_bn,
     prune,
     share_weights,  # noqa: F401  (share-weights, hash-weights)

@@ -1,0 +1,715 @@
+"""Fast convolution algorithms: ``winograd``, ``fft-conv`` and ``select-conv-algo``.
+
+Two ``slimfx::`` ops replace a direct ``aten.convolution`` where the algorithm applies
+(stride 1, dilation 1, groups 1, square kernel, 2-D), each with a PyTorch reference, a
+shape function, a MAC model and a TVM lowering (:mod:`slimfx.lowering.fast_conv`):
+
+``slimfx::winograd_conv2d(x, u, bias, padding, tile)``
+    Winograd minimal filtering F(m x m, 3 x 3) (Lavin & Gray), ``m = tile`` in {2, 4}:
+    each ``alpha x alpha`` input tile (``alpha = m + 2``) is transformed (``B^T d B``),
+    multiplied element-wise with the transformed filter and summed over input channels
+    (one GEMM per transform point), and transformed back (``A^T M A``) to an ``m x m``
+    output tile.  ``u = G g G^T`` is computed once, by the pass, in float64, and stored as
+    a parameter of shape ``(alpha, alpha, Cout, Cin)``.  Multiplies per output: F(2,3)
+    16/4 = 4 instead of 9, F(4,3) 36/16 = 2.25 instead of 9.
+``slimfx::fft_conv2d(x, w_hat, bias, padding, kernel, tile)``
+    Overlap-save FFT convolution: the padded input is cut into ``N x N`` tiles
+    (``N = tile + kernel - 1``, overlapping by ``kernel - 1``), transformed with a real 2-D
+    FFT, multiplied with the filter's (conjugated) spectrum and summed over input
+    channels, transformed back; each tile yields ``tile x tile`` outputs.  ``w_hat``
+    (``(2, N, N/2+1, Cin, Cout)``: real and imaginary part) is computed by the pass.
+
+Numerics (float32; max error relative to the largest output magnitude, against float64,
+on N(0,1) inputs and Kaiming-scaled weights, 28x28 maps, 16 -> 256 channels):
+
+============  ===================  =====================================================
+algorithm     max rel. error        verification tolerance (pass manager)
+============  ===================  =====================================================
+direct        3e-7 - 4e-7           -
+F(2x2,3x3)    1e-7 - 6e-7           ``WINOGRAD_TOLERANCE[2]`` = 1e-5
+F(4x4,3x3)    1e-6 - 5e-6           ``WINOGRAD_TOLERANCE[4]`` = 1e-4
+FFT           1e-7 - 3e-7           ``FFT_TOLERANCE`` = 1e-5
+============  ===================  =====================================================
+
+F(4,3)'s error is about 10x F(2,3)'s and grows with the input channels: its transforms
+have larger, non-integer entries that amplify rounding (points 0, +-1, 1/2, -2, after
+Barabasz et al.; Lavin's 0, +-1, +-2 measure 3x worse here).  It grows further with
+depth, so the pass manager checks F(4,3) at 1e-4 and F(2,3) at 1e-5 (relative to the
+output's magnitude).  Each substituted layer's own error against direct convolution (on
+the layer's input in the example run) is in the pass statistics (``layers``).
+
+``select-conv-algo{by=measure|model}`` chooses, per convolution, among direct, F(2,3),
+F(4,3) and FFT: ``by=measure`` compiles the layer alone with each candidate for the
+target and times it (medians of interleaved rounds); ``by=model`` uses
+:func:`estimate_ms`, an analytic cost model.  Only a choice faster than direct by at
+least ``margin`` is applied; choices and times are in the statistics.
+
+>>> import torch, slimfx
+>>> m = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+>>> g = slimfx.run_pipeline(m, "winograd{tile=4}", torch.randn(1, 8, 10, 10))
+>>> [i.op for i in g.layers()]
+['slimfx.winograd_conv2d']
+>>> torch.allclose(g(torch.ones(1, 8, 10, 10)), m(torch.ones(1, 8, 10, 10)), atol=1e-4)
+True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from slimfx.errors import GraphError
+from slimfx.ir import Graph, register_macs
+
+from .base import Pass, PassResult, register_pass
+
+__all__ = [
+    "winograd_matrices", "winograd_conv2d", "fft_conv2d", "fft_tile", "fft_spectrum",
+    "winograd_filter", "estimate_ms", "conv_params", "WINOGRAD_TOLERANCE", "FFT_TOLERANCE",
+    "WinogradOptions", "FFTConvOptions", "SelectOptions",
+]
+
+aten = torch.ops.aten
+
+#: Verification tolerance (relative to the output magnitude) per Winograd tile size.
+WINOGRAD_TOLERANCE = {2: 1e-5, 4: 1e-4}
+#: Verification tolerance of FFT convolution.
+FFT_TOLERANCE = 1e-5
+
+#: Interpolation points of F(m, 3) (the point at infinity is implied).  F(4, 3) uses
+#: Barabasz et al.'s points, which halve the error of Lavin's 0, +-1, +-2.
+_POINTS = {2: (0, 1, -1), 4: (0, -1, 1, Fraction(1, 2), -2)}
+
+
+# --------------------------------------------------------------------------- transforms
+def _poly_mul(a: list, b: list) -> list:
+    out = [Fraction(0)] * (len(a) + len(b) - 1)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            out[i + j] += x * y
+    return out
+
+
+def winograd_matrices(tile: int, kernel: int = 3, dtype=torch.float64):
+    """``(A^T, G, B^T)`` of Winograd F(tile, kernel) for correlation (Toom-Cook).
+
+    ``y = A^T [(G g) * (B^T d)]`` computes the ``tile`` outputs of a 1-D correlation of
+    ``alpha = tile + kernel - 1`` inputs ``d`` with ``g``; the 2-D algorithm nests it.
+    Shapes: ``A^T`` (tile, alpha), ``G`` (alpha, kernel), ``B^T`` (alpha, alpha).  Built
+    exactly in rationals.
+
+    >>> at, g, bt = winograd_matrices(2)
+    >>> bt.tolist()
+    [[-1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, -1.0, 0.0, 1.0]]
+    >>> d, w = torch.randn(4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    >>> torch.allclose(at @ ((g @ w) * (bt @ d)), torch.stack([d[i:i + 3] @ w for i in (0, 1)]))
+    True
+    """
+    if tile not in _POINTS or kernel != 3:
+        raise ValueError(f"Winograd F({tile},{kernel}) is not supported: tile 2 or 4, kernel 3")
+    pts = [Fraction(p) for p in _POINTS[tile]]
+    alpha = tile + kernel - 1
+    # Evaluation at each finite point and at infinity (the leading coefficient).
+    at = [[p ** i for p in pts] + [Fraction(int(i == tile - 1))] for i in range(tile)]
+    g = []
+    bt = []
+    for k, p in enumerate(pts):
+        others = [q for j, q in enumerate(pts) if j != k]
+        denom = math.prod((p - q for q in others), start=Fraction(1))
+        g.append([p ** j / denom for j in range(kernel)])
+        poly = [Fraction(1)]
+        for q in others:
+            poly = _poly_mul(poly, [-q, Fraction(1)])
+        bt.append(poly + [Fraction(0)] * (alpha - len(poly)))
+    g.append([Fraction(int(j == kernel - 1)) for j in range(kernel)])
+    poly = [Fraction(1)]
+    for q in pts:
+        poly = _poly_mul(poly, [-q, Fraction(1)])
+    bt.append(poly)
+
+    def t(rows):
+        return torch.tensor([[float(v) for v in r] for r in rows], dtype=dtype)
+
+    return t(at), t(g), t(bt)
+
+
+def winograd_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
+    """``U = G g G^T`` of a ``(Cout, Cin, 3, 3)`` weight, as ``(alpha, alpha, Cout, Cin)``.
+
+    Computed in float64 and rounded once to the weight's dtype.
+    """
+    _, g, _ = winograd_matrices(tile, weight.shape[-1])
+    u = torch.einsum("ai,ocij,bj->aboc", g, weight.double(), g)
+    return u.to(weight.dtype).contiguous()
+
+
+def fft_spectrum(weight: torch.Tensor, size: int) -> torch.Tensor:
+    """The conjugated real 2-D spectrum of a ``(Cout, Cin, k, k)`` weight, zero-padded to
+    ``size x size``: ``(2, size, size // 2 + 1, Cin, Cout)`` (real part, imaginary part).
+
+    Correlating with ``weight`` is multiplying by this spectrum (the correlation theorem).
+    """
+    spec = torch.fft.rfft2(weight.double(), s=(size, size)).conj()  # Cout, Cin, N, N/2+1
+    out = torch.stack([spec.real, spec.imag]).permute(0, 3, 4, 2, 1)
+    return out.to(weight.dtype).contiguous()
+
+
+#: FFT sizes: ``N + 2 = 2 (N/2 + 1)`` real spectrum values per row, a multiple of 8 so the
+#: matrix DFTs vectorize; a matrix DFT of these sizes costs about ``3 N^3`` per tile.
+FFT_SIZES = (6, 14, 22, 30)
+
+
+def fft_tile(kernel: int, out_h: int, out_w: int, cin: int = 64, cout: int = 64) -> int:
+    """The output tile of FFT convolution for a layer: the one the cost model prefers.
+
+    ``N = tile + kernel - 1`` is one of :data:`FFT_SIZES`; the cost per layer is the
+    spectral product (4 real MACs per complex bin and channel pair) plus the transforms
+    of each input and output channel (weighted 4x: they are bound by memory, not MACs),
+    plus reading the stored spectrum once (it grows with ``N^2``).
+
+    >>> fft_tile(5, 56, 56), fft_tile(11, 56, 56), fft_tile(3, 7, 7)
+    (10, 20, 4)
+    """
+    best, best_cost = None, math.inf
+    for size in FFT_SIZES:
+        t = size - kernel + 1
+        if t < 2:
+            continue
+        tiles = math.ceil(out_h / t) * math.ceil(out_w / t)
+        half = size // 2 + 1
+        cost = (tiles * (4 * size * half * cin * cout + 4 * 3 * size ** 3 * (cin + cout))
+                + 16 * size * half * cin * cout)  # the spectrum is read once per call
+        if cost < best_cost:
+            best, best_cost = t, cost
+    if best is None:
+        raise ValueError(f"FFT convolution supports kernels up to {FFT_SIZES[-1] - 1}, "
+                         f"got {kernel}")
+    return best
+
+
+# --------------------------------------------------------------------------- the ops
+def _out_size(size: int, pad: int, kernel: int) -> int:
+    return size + 2 * pad - kernel + 1
+
+
+@torch.library.custom_op("slimfx::winograd_conv2d", mutates_args=())
+def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
+                    padding: list[int], tile: int) -> torch.Tensor:
+    """Winograd F(tile x tile, 3 x 3) convolution (stride 1): the PyTorch reference.
+
+    ``u`` is the transformed filter ``(alpha, alpha, Cout, Cin)`` (:func:`winograd_filter`).
+    """
+    at, _, bt = (m.to(x.dtype) for m in winograd_matrices(tile, u.shape[0] - tile + 1))
+    alpha, m = u.shape[0], tile
+    r = alpha - m + 1
+    n, _, h, w = x.shape
+    ph, pw = padding
+    ho, wo = _out_size(h, ph, r), _out_size(w, pw, r)
+    th, tw = -(-ho // m), -(-wo // m)
+    xp = F.pad(x, (pw, pw + tw * m - wo, ph, ph + th * m - ho))
+    d = xp.unfold(2, alpha, m).unfold(3, alpha, m)  # n, ci, th, tw, alpha, alpha
+    v = torch.einsum("ai,ncyxij,bj->abncyx", bt, d, bt)
+    mm = torch.einsum("aboc,abncyx->abnoyx", u, v)
+    y = torch.einsum("ia,abnoyx,jb->noyixj", at, mm, at)
+    y = y.reshape(n, -1, th * m, tw * m)[:, :, :ho, :wo]
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1)
+    return y.contiguous()
+
+
+@winograd_conv2d.register_fake
+def _(x, u, bias, padding, tile):
+    r = u.shape[0] - tile + 1
+    return x.new_empty((x.shape[0], u.shape[2], _out_size(x.shape[2], padding[0], r),
+                        _out_size(x.shape[3], padding[1], r)))
+
+
+@torch.library.custom_op("slimfx::fft_conv2d", mutates_args=())
+def fft_conv2d(x: torch.Tensor, w_hat: torch.Tensor, bias: torch.Tensor | None,
+               padding: list[int], kernel: int, tile: int) -> torch.Tensor:
+    """Overlap-save FFT convolution (stride 1): the PyTorch reference (``torch.fft``).
+
+    ``w_hat`` is the filter spectrum ``(2, N, N/2+1, Cin, Cout)`` (:func:`fft_spectrum`).
+    """
+    size = w_hat.shape[1]
+    n, _, h, w = x.shape
+    ph, pw = padding
+    ho, wo = _out_size(h, ph, kernel), _out_size(w, pw, kernel)
+    th, tw = -(-ho // tile), -(-wo // tile)
+    xp = F.pad(x, (pw, pw + tw * tile - wo, ph, ph + th * tile - ho))
+    d = xp.unfold(2, size, tile).unfold(3, size, tile)  # n, ci, th, tw, N, N
+    spec = torch.fft.rfft2(d)
+    w_c = torch.complex(w_hat[0], w_hat[1])
+    prod = torch.einsum("ncyxuv,uvco->noyxuv", spec, w_c)
+    y = torch.fft.irfft2(prod, s=(size, size))[..., :tile, :tile]  # n, co, th, tw, T, T
+    y = y.permute(0, 1, 2, 4, 3, 5).reshape(n, -1, th * tile, tw * tile)[:, :, :ho, :wo]
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1)
+    return y.contiguous()
+
+
+@fft_conv2d.register_fake
+def _(x, w_hat, bias, padding, kernel, tile):
+    return x.new_empty((x.shape[0], w_hat.shape[4], _out_size(x.shape[2], padding[0], kernel),
+                        _out_size(x.shape[3], padding[1], kernel)))
+
+
+@register_macs(torch.ops.slimfx.winograd_conv2d.default)
+def _winograd_macs(in_shapes, args, out_shape):
+    # Transform-domain GEMM plus the separable transforms as dense matrix products.
+    u = in_shapes[1]
+    alpha, m = u[0], args[4]
+    n, co, ho, wo = out_shape
+    ci = u[3]
+    tiles = n * -(-ho // m) * -(-wo // m)
+    return tiles * (alpha * alpha * ci * co + ci * 2 * alpha ** 3 + co * (m * alpha * alpha + m * m * alpha))
+
+
+@register_macs(torch.ops.slimfx.fft_conv2d.default)
+def _fft_macs(in_shapes, args, out_shape):
+    # Complex spectral product (4 real MACs per complex MAC) plus matrix DFTs per axis.
+    w = in_shapes[1]
+    size, half, ci, co = w[1], w[2], w[3], w[4]
+    t = args[5]
+    n, _, ho, wo = out_shape
+    tiles = n * -(-ho // t) * -(-wo // t)
+    dft = size * size * 2 * half + 2 * size * 2 * size * half  # along x, then along y
+    return tiles * (4 * size * half * ci * co + (ci + co) * dft)
+
+
+# --------------------------------------------------------------------------- matching
+@dataclass(frozen=True)
+class ConvParams:
+    """What the algorithms need to know about one ``aten.convolution`` node."""
+
+    cin: int
+    cout: int
+    kernel: int
+    padding: tuple[int, int]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+
+def conv_params(graph: Graph, node: torch.fx.Node) -> tuple[ConvParams | None, str]:
+    """``(params, "")`` if ``node`` is a convolution the fast algorithms can replace, else
+    ``(None, reason)``."""
+    x, w, b, stride, padding, dilation, transposed, _out_pad, groups = node.args[:9]
+    if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+        return None, "weight is not a parameter"
+    if b is not None and not (isinstance(b, torch.fx.Node) and b.op == "get_attr"):
+        return None, "bias is not a parameter"
+    wt = graph.param(w)
+    if wt.dim() != 4:
+        return None, f"{wt.dim() - 2}-D convolution (only 2-D)"
+    if transposed:
+        return None, "transposed convolution"
+    if groups != 1:
+        return None, f"groups={groups}"
+    if list(stride) != [1, 1]:
+        return None, f"stride {list(stride)}"
+    if list(dilation) != [1, 1]:
+        return None, f"dilation {list(dilation)}"
+    if wt.shape[2] != wt.shape[3]:
+        return None, f"non-square kernel {tuple(wt.shape[2:])}"
+    if not wt.is_floating_point():
+        return None, f"dtype {wt.dtype}"
+    info = node.meta["slimfx"]
+    return ConvParams(wt.shape[1], wt.shape[0], wt.shape[2], tuple(int(p) for p in padding),
+                      tuple(info.inputs[0].shape), tuple(info.shape)), ""
+
+
+def _convs(graph: Graph):
+    graph.analyze()
+    return list(graph.find(aten.convolution.default))
+
+
+def _layer_name(node: torch.fx.Node) -> str:
+    return node.meta.get("module_path") or node.name
+
+
+def _conv_inputs(graph: Graph, nodes) -> dict[str, torch.Tensor]:
+    """The input of each node in ``nodes`` on the example inputs (one run)."""
+    wanted = {n.args[0] for n in nodes}
+    seen: dict[str, torch.Tensor] = {}
+
+    class _Rec(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                seen[n.name] = out
+            return out
+
+    with torch.no_grad():
+        _Rec(graph.gm).run(*graph.example_inputs)
+    return {n.name: seen[n.args[0].name] for n in nodes}
+
+
+def _error(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
+    d = (got.double() - want.double()).abs()
+    scale = max(want.abs().max().item(), 1e-30)
+    return {"max_abs_error": d.max().item(), "rel_error": d.max().item() / scale}
+
+
+def _substitute(graph: Graph, node: torch.fx.Node, algo: str, p: ConvParams, x_in=None,
+                tile: int | None = None) -> dict:
+    """Replace conv ``node`` by ``algo`` ("winograd2", "winograd4", "fft"); returns its record."""
+    w_node, b_node = node.args[1], node.args[2]
+    w = graph.param(w_node)
+    path = _layer_name(node)
+    if algo.startswith("winograd"):
+        t = int(algo[-1])
+        value = winograd_filter(w, t)
+        new_w = graph.add_param(f"{path}.winograd_u", value, before=node)
+        target = torch.ops.slimfx.winograd_conv2d.default
+        args = (node.args[0], new_w, b_node, list(p.padding), t)
+        record = {"algo": f"winograd F({t},3)"}
+    elif algo == "fft":
+        t = tile or fft_tile(p.kernel, p.out_shape[2], p.out_shape[3], p.cin, p.cout)
+        size = t + p.kernel - 1
+        value = fft_spectrum(w, size)
+        new_w = graph.add_param(f"{path}.fft_spectrum", value, before=node)
+        target = torch.ops.slimfx.fft_conv2d.default
+        args = (node.args[0], new_w, b_node, list(p.padding), p.kernel, t)
+        record = {"algo": f"fft N={size} tile={t}"}
+    else:
+        raise GraphError(f"unknown convolution algorithm {algo!r}", node)
+    with graph.fx.inserting_before(node):
+        new = graph.fx.call_function(target, args)
+    graph.inherit(new, node)
+    node.replace_all_uses_with(new)
+    graph.fx.erase_node(node)
+    record["params"] = [w.numel(), value.numel()]
+    if x_in is not None:
+        with torch.no_grad():
+            b = graph.param(b_node) if b_node is not None else None
+            direct = F.conv2d(x_in, w, b, padding=p.padding)
+            exact = F.conv2d(x_in.double(), w.double(), None if b is None else b.double(),
+                             padding=p.padding)
+            got = target(x_in, value, b, *args[3:])
+        record.update(_error(got, direct))
+        record["direct_vs_float64"] = _error(direct, exact)["rel_error"]
+        record["vs_float64"] = _error(got, exact)["rel_error"]
+    return record
+
+
+def _finish(graph: Graph, records: dict, skipped: dict) -> PassResult:
+    if records:
+        graph.fx.eliminate_dead_code()
+        graph.remove_unused_params()
+        graph.gm.recompile()
+    return PassResult(graph, bool(records), {"replaced": len(records), "layers": records,
+                                             "skipped": skipped})
+
+
+def _check_exclude(graph: Graph, exclude) -> None:
+    paths = {n.meta.get("module_path") for n in graph.find()}
+    for e in exclude:
+        if e not in paths:
+            raise GraphError(f"exclude names module '{e}', which is not in {graph.name} "
+                             f"(modules with convolutions: "
+                             f"{sorted(_layer_name(n) for n in _convs(graph))})")
+
+
+# --------------------------------------------------------------------------- winograd
+@dataclass(frozen=True)
+class WinogradOptions:
+    """Options of ``winograd``.
+
+    Attributes
+    ----------
+    tile: output tile ``m`` of F(m x m, 3 x 3): 2 or 4.
+    exclude: module paths of convolutions to keep direct.
+    """
+
+    tile: Literal[2, 4] = 4
+    exclude: tuple[str, ...] = ()
+
+
+@register_pass("winograd")
+class WinogradPass(Pass):
+    """Replace 3x3 stride-1 convolutions by Winograd F(tile x tile, 3 x 3)."""
+
+    Options = WinogradOptions
+    lossless = True
+
+    @property
+    def atol(self) -> float:  # the manager checks this pass at its tile's tolerance
+        return WINOGRAD_TOLERANCE[self.options.tile]
+
+    def run(self, graph: Graph) -> PassResult:
+        _check_exclude(graph, self.options.exclude)
+        eligible, skipped = [], {}
+        for node in _convs(graph):
+            p, why = conv_params(graph, node)
+            if p is not None and p.kernel != 3:
+                p, why = None, f"kernel {p.kernel}x{p.kernel} (Winograd F(m,3) needs 3x3)"
+            if _layer_name(node) in self.options.exclude:
+                p, why = None, "excluded"
+            if p is None:
+                skipped[_layer_name(node)] = why
+            else:
+                eligible.append((node, p))
+        inputs = _conv_inputs(graph, [n for n, _ in eligible]) if eligible else {}
+        records = {}
+        for node, p in eligible:
+            records[_layer_name(node)] = _substitute(
+                graph, node, f"winograd{self.options.tile}", p, inputs[node.name])
+        return _finish(graph, records, skipped)
+
+
+# --------------------------------------------------------------------------- fft
+@dataclass(frozen=True)
+class FFTConvOptions:
+    """Options of ``fft-conv``.
+
+    Attributes
+    ----------
+    min_kernel: the smallest kernel size replaced (5: FFT loses to direct on 3x3).
+    tile: output tile per FFT block (``N = tile + kernel - 1``); 0 lets :func:`fft_tile`
+        choose per layer.
+    exclude: module paths of convolutions to keep direct.
+    """
+
+    min_kernel: int = 5
+    tile: int = 0
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.min_kernel < 2:
+            raise ValueError(f"min_kernel must be at least 2, got {self.min_kernel}")
+        if self.tile < 0:
+            raise ValueError(f"tile must be positive (or 0 for automatic), got {self.tile}")
+
+
+@register_pass("fft-conv", lossless=True, atol=FFT_TOLERANCE)
+class FFTConvPass(Pass):
+    """Replace stride-1 convolutions with kernels of ``min_kernel`` and up by FFT convolution."""
+
+    Options = FFTConvOptions
+
+    def run(self, graph: Graph) -> PassResult:
+        _check_exclude(graph, self.options.exclude)
+        eligible, skipped = [], {}
+        for node in _convs(graph):
+            p, why = conv_params(graph, node)
+            if p is not None and p.kernel < self.options.min_kernel:
+                p, why = None, f"kernel {p.kernel} < min_kernel {self.options.min_kernel}"
+            if _layer_name(node) in self.options.exclude:
+                p, why = None, "excluded"
+            if p is None:
+                skipped[_layer_name(node)] = why
+            else:
+                eligible.append((node, p))
+        inputs = _conv_inputs(graph, [n for n, _ in eligible]) if eligible else {}
+        records = {}
+        for node, p in eligible:
+            records[_layer_name(node)] = _substitute(graph, node, "fft", p, inputs[node.name],
+                                                     tile=self.options.tile or None)
+        return _finish(graph, records, skipped)
+
+
+# --------------------------------------------------------------------------- selection
+ALGOS = ("winograd2", "winograd4", "fft")
+
+#: Cost-model constants (``by=model``), fitted to per-kernel timings of the fast lowering on
+#: a 2-core AVX-512 host (``bench/fast_conv.py``): the share of the target's peak FLOP/s
+#: each kind of kernel reaches (direct conv, transform-domain GEMM, Winograd transforms,
+#: matrix DFTs), the bandwidth in bytes per ns per core of the transform passes, and a
+#: fixed overhead per kernel.
+MODEL = {"direct_eff": 0.2, "gemm_eff": 0.11, "transform_eff": 0.15, "dft_eff": 0.03,
+         "bytes_per_ns": 6.0, "kernel_overhead_ms": 0.004}
+
+
+def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int = 2,
+                ghz: float = 2.5) -> float:
+    """Estimated latency (ms) of one convolution with ``algo`` ("direct", "winograd2",
+    "winograd4", "fft") on a CPU with ``vector_bits``-wide FMA vectors and ``cores``.
+
+    The model counts the FLOPs of each stage (direct: the convolution; otherwise input
+    transform, transform-domain GEMM, output transform) at the stage's efficiency in
+    :data:`MODEL`, plus the bytes moved by the transform stages and of the (transformed)
+    weights at the bandwidth in :data:`MODEL`, plus a fixed overhead per kernel launched.
+    Transformed weights are larger than the direct ones (F(4,3): 4x, FFT: ``16 N (N/2+1) / k^2``),
+    which decides small feature maps with many channels.
+
+    >>> p = ConvParams(64, 64, 3, (1, 1), (1, 64, 56, 56), (1, 64, 56, 56))
+    >>> estimate_ms("winograd4", p) < estimate_ms("direct", p)
+    True
+    """
+    peak = 2 * (vector_bits // 32) * 2 * ghz * 1e6 * cores  # FLOP per ms: 2 FMA ports
+    n, co, ho, wo = p.out_shape
+    ci, k = p.cin, p.kernel
+    bw = MODEL["bytes_per_ns"] * 1e6 * cores
+    if algo == "direct":
+        return (2 * n * co * ho * wo * ci * k * k / (MODEL["direct_eff"] * peak)
+                + 4 * k * k * ci * co / bw + MODEL["kernel_overhead_ms"])
+    if algo.startswith("winograd"):
+        m = int(algo[-1])
+        if k != 3:
+            return math.inf
+        alpha = m + 2
+        bins, per_tile_in, per_tile_out = alpha * alpha, 2 * alpha ** 3, m * alpha * alpha + m * m * alpha
+        tiles = n * -(-ho // m) * -(-wo // m)
+        gemm = 2 * tiles * bins * ci * co
+        weights = 4 * bins * ci * co  # the transformed filter, read once per call
+    elif algo == "fft":
+        t = fft_tile(k, ho, wo, ci, co)
+        size = t + k - 1
+        half = size // 2 + 1
+        bins = 2 * size * half
+        per_tile_in = per_tile_out = 3 * size ** 3
+        tiles = n * -(-ho // t) * -(-wo // t)
+        gemm = 2 * tiles * size * half * 4 * ci * co
+        weights = 4 * size * half * 4 * ci * co  # [[Re, Im], [-Im, Re]] per frequency
+    else:
+        raise ValueError(f"unknown algorithm {algo!r}: direct, {', '.join(ALGOS)}")
+    transform = 2 * tiles * (ci * per_tile_in + co * per_tile_out)
+    traffic = 4 * tiles * bins * (ci + co) * 2  # transformed input and output, written and read
+    eff = MODEL["transform_eff"] if algo != "fft" else MODEL["dft_eff"]
+    return (gemm / (MODEL["gemm_eff"] * peak) + transform / (eff * peak)
+            + (traffic + weights) / bw + 3 * MODEL["kernel_overhead_ms"])
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """Options of ``select-conv-algo``.
+
+    Attributes
+    ----------
+    by: ``measure`` (compile and time each candidate for ``target``) or ``model``
+        (:func:`estimate_ms`).
+    algos: the candidates besides direct (``winograd2``, ``winograd4``, ``fft``).
+    target: where to measure (a :func:`slimfx.compile` target), and whose vector width
+        and cores the model assumes.
+    margin: a candidate replaces direct only if direct takes at least ``margin`` times as long.
+    repeat: timed runs per candidate and round (``by=measure``); 3 rounds are interleaved.
+    exclude: module paths of convolutions to keep direct.
+    """
+
+    by: Literal["measure", "model"] = "measure"
+    algos: tuple[str, ...] = ALGOS
+    target: str = "host"
+    margin: float = 1.05
+    repeat: int = 10
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        bad = [a for a in self.algos if a not in ALGOS]
+        if bad:
+            raise ValueError(f"unknown algorithm(s) {bad} in algos: choose from {', '.join(ALGOS)}")
+        if self.margin < 1.0:
+            raise ValueError(f"margin must be >= 1 (only choices faster than direct), got {self.margin}")
+        if self.repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {self.repeat}")
+
+
+def _applicable(algo: str, p: ConvParams) -> bool:
+    if algo.startswith("winograd"):
+        return p.kernel == 3
+    return 3 <= p.kernel < FFT_SIZES[-1]
+
+
+#: Measured latencies (ms) by (target, algorithm, layer signature): layers of the same
+#: shape are measured once per process.
+_MEASURED: dict[tuple, float] = {}
+
+
+def _pipeline_of(algo: str) -> str | None:
+    if algo == "direct":
+        return None
+    if algo.startswith("winograd"):
+        return f"winograd{{tile={algo[-1]}}}"
+    return "fft-conv{min_kernel=2}"
+
+
+def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
+                  rounds: int = 3) -> dict[str, float]:
+    """Median compiled latency (ms) of one convolution of shape ``p`` with each algorithm.
+
+    Each candidate is compiled alone (random weights of the layer's shape) with
+    :func:`slimfx.compile`; rounds alternate the candidates so all see the same load.
+    """
+    import statistics
+
+    import slimfx
+
+    key = (target, p.cin, p.cout, p.kernel, p.padding, p.in_shape)
+    todo = [a for a in algos if (*key, a) not in _MEASURED]
+    if todo:
+        gen = torch.Generator().manual_seed(0)
+        conv = torch.nn.Conv2d(p.cin, p.cout, p.kernel, padding=p.padding)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (p.cin * p.kernel ** 2) ** -0.5)
+        x = torch.randn(p.in_shape, generator=gen)
+        built = {a: slimfx.compile(conv.eval(), x, target=target, pipeline=_pipeline_of(a),
+                                   verbose=False) for a in todo}
+        times: dict[str, list[float]] = {a: [] for a in todo}
+        xs = x.numpy()
+        for _ in range(rounds):
+            for a in todo:
+                times[a].append(built[a].benchmark(xs, repeat=repeat, warmup=2).median_ms)
+        for a in todo:
+            _MEASURED[(*key, a)] = statistics.median(times[a])
+    return {a: _MEASURED[(*key, a)] for a in algos}
+
+
+@register_pass("select-conv-algo")
+class SelectConvAlgo(Pass):
+    """Choose direct, Winograd or FFT per convolution by measuring (or a cost model)."""
+
+    Options = SelectOptions
+    lossless = True
+
+    @property
+    def atol(self) -> float:  # the loosest tolerance among the algorithms it may apply
+        tols = [WINOGRAD_TOLERANCE[int(a[-1])] if a.startswith("winograd") else FFT_TOLERANCE
+                for a in self.options.algos]
+        return max(tols, default=FFT_TOLERANCE)
+
+    def run(self, graph: Graph) -> PassResult:
+        from slimfx.lowering.targets import resolve_target
+
+        opts = self.options
+        _check_exclude(graph, opts.exclude)
+        info = resolve_target(opts.target)
+        if opts.by == "measure" and info.local_device() is None:
+            raise GraphError(f"select-conv-algo cannot measure on target '{info.name}' from this "
+                             "machine; use by=model (or run it where the target is)")
+        choices, skipped, planned = {}, {}, []
+        t0 = time.perf_counter()
+        for node in _convs(graph):
+            name = _layer_name(node)
+            p, why = conv_params(graph, node)
+            if name in opts.exclude:
+                p, why = None, "excluded"
+            cands = [a for a in opts.algos if p is not None and _applicable(a, p)]
+            if p is None or not cands:
+                skipped[name] = why or "no applicable algorithm"
+                continue
+            if opts.by == "measure":
+                times = measure_layer(p, ["direct", *cands], opts.target, opts.repeat)
+            else:
+                times = {a: estimate_ms(a, p, vector_bits=info.vector_bits, cores=info.num_cores)
+                         for a in ["direct", *cands]}
+            best = min(cands, key=times.__getitem__)
+            chosen = best if times["direct"] >= opts.margin * times[best] else "direct"
+            choices[name] = {"choice": chosen, "ms": {a: round(t, 4) for a, t in times.items()},
+                             "speedup": round(times["direct"] / times[chosen], 3)}
+            if chosen != "direct":
+                planned.append((node, p, chosen))
+        inputs = _conv_inputs(graph, [n for n, _, _ in planned]) if planned else {}
+        records = {}
+        for node, p, algo in planned:
+            records[_layer_name(node)] = _substitute(graph, node, algo, p, inputs[node.name])
+        result = _finish(graph, records, skipped)
+        result.stats["choices"] = choices
+        result.stats["by"] = opts.by
+        result.stats["select_s"] = round(time.perf_counter() - t0, 2)
+        return result

@@ -1,0 +1,308 @@
+"""Fast convolution: Winograd F(2,3)/F(4,3) and FFT ops, their passes and lowerings.
+
+Every substituted op is checked against direct convolution within its documented bound
+(``WINOGRAD_TOLERANCE``, ``FFT_TOLERANCE``, relative to the output magnitude): in PyTorch
+on odd sizes, paddings and partial tiles, and compiled (three TVM builds, module-scoped).
+No timing assertions: speed lives in ``bench/fast_conv.py``.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slimfx
+from slimfx.errors import PassError, PipelineError
+from slimfx.passes import fast_conv as fc
+
+aten = torch.ops.aten
+WINOGRAD = torch.ops.slimfx.winograd_conv2d.default
+FFT = torch.ops.slimfx.fft_conv2d.default
+
+
+def _rel(got, want) -> float:
+    return ((got.double() - want.double()).abs().max() / want.abs().max()).item()
+
+
+def _conv_weight(cout, cin, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(cout, cin, k, k, generator=g) * (cin * k * k) ** -0.5
+
+
+# --------------------------------------------------------------------------- transforms
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_matrices_compute_1d_correlation_exactly(tile):
+    at, g, bt = fc.winograd_matrices(tile)
+    alpha = tile + 2
+    assert at.shape == (tile, alpha) and g.shape == (alpha, 3) and bt.shape == (alpha, alpha)
+    d = torch.randn(alpha, dtype=torch.float64)
+    w = torch.randn(3, dtype=torch.float64)
+    want = torch.stack([d[i:i + 3] @ w for i in range(tile)])
+    torch.testing.assert_close(at @ ((g @ w) * (bt @ d)), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="F\\(3,3\\) is not supported"):
+        fc.winograd_matrices(3)
+
+
+# --------------------------------------------------------------------------- PyTorch ops
+SHAPES = [  # (n, cin, cout, size, padding)
+    (1, 3, 5, 9, 1),    # partial tiles, few channels
+    (2, 8, 16, 7, 0),   # no padding: 5x5 output
+    (1, 16, 8, 12, 2),  # padding wider than the kernel's half
+]
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_winograd_op_matches_direct(tile, shape):
+    n, cin, cout, size, pad = shape
+    torch.manual_seed(1)
+    x = torch.randn(n, cin, size, size)
+    w, b = _conv_weight(cout, cin, 3), torch.randn(cout)
+    want = F.conv2d(x, w, b, padding=pad)
+    got = fc.winograd_conv2d(x, fc.winograd_filter(w, tile), b, [pad, pad], tile)
+    assert got.shape == want.shape
+    assert _rel(got, want) <= fc.WINOGRAD_TOLERANCE[tile]
+    no_bias = fc.winograd_conv2d(x, fc.winograd_filter(w, tile), None, [pad, pad], tile)
+    assert _rel(no_bias, F.conv2d(x, w, padding=pad)) <= fc.WINOGRAD_TOLERANCE[tile]
+
+
+def test_f43_error_is_larger_than_f23_and_within_its_bound():
+    # The documented error growth: F(4,3)'s transforms amplify rounding more than F(2,3)'s.
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 16, 16)
+    w = _conv_weight(64, 64, 3)
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    err = {t: _rel(fc.winograd_conv2d(x, fc.winograd_filter(w, t), None, [1, 1], t), exact)
+           for t in (2, 4)}
+    assert err[2] < err[4] <= fc.WINOGRAD_TOLERANCE[4]
+    assert err[2] <= fc.WINOGRAD_TOLERANCE[2]
+
+
+@pytest.mark.parametrize("k", [3, 5, 7, 11])
+def test_fft_op_matches_direct(k):
+    torch.manual_seed(2)
+    x = torch.randn(2, 6, 13, 11)  # non-square, several tiles, partial tiles
+    w, b = _conv_weight(10, 6, k), torch.randn(10)
+    pad = k // 2
+    tile = fc.fft_tile(k, 13, 11, 6, 10)
+    spec = fc.fft_spectrum(w, tile + k - 1)
+    assert spec.shape == (2, tile + k - 1, (tile + k - 1) // 2 + 1, 6, 10)
+    got = fc.fft_conv2d(x, spec, b, [pad, pad], k, tile)
+    want = F.conv2d(x, w, b, padding=pad)
+    assert got.shape == want.shape
+    assert _rel(got, want) <= fc.FFT_TOLERANCE
+    small = fc.fft_conv2d(x, fc.fft_spectrum(w, 2 + k - 1), b, [0, 0], k, 2)  # tiny tiles
+    assert _rel(small, F.conv2d(x, w, b)) <= fc.FFT_TOLERANCE
+
+
+def test_mac_models_count_the_transform_domain_work():
+    m = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 7, padding=3))
+    x = torch.randn(1, 16, 16, 16)
+    g0 = slimfx.capture(m.eval(), x)
+    g = slimfx.run_pipeline(g0, "winograd{tile=4},fft-conv")
+    direct = [i.macs for i in g0.layers()]
+    fast = {i.op: i.macs for i in g.layers()}
+    gemm = 36 * 16 * 16 * 16  # alpha^2 x 16 tiles x Cin x Cout
+    assert gemm < fast["slimfx.winograd_conv2d"] < direct[0]
+    assert 0 < fast["slimfx.fft_conv2d"] < direct[1]
+
+
+# --------------------------------------------------------------------------- passes
+class Mixed(nn.Module):
+    """3x3, 5x5 and 7x7 convs the passes replace; stride-2, dilated, grouped, 1x1 they keep."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.c = nn.Conv2d(16, 16, 5, padding=2)
+        self.down = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.dil = nn.Conv2d(16, 16, 3, padding=2, dilation=2)
+        self.grp = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(16, 12, 1)
+        self.d = nn.Conv2d(12, 12, 7, padding=3)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = torch.relu(self.b(y) + y)
+        y = self.c(y)
+        y = self.grp(self.dil(self.down(y)))
+        return self.d(self.pw(y))
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    x = torch.randn(1, 3, 15, 15)
+    return model, x, slimfx.capture(model, x)
+
+
+def _ops(g):
+    return [n.target for n in g.find() if n.target in (aten.convolution.default, WINOGRAD, FFT)]
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_pass_replaces_eligible_convs_and_reports_errors(mixed, tile):
+    model, x, g = mixed
+    pm = slimfx.PassManager(f"winograd{{tile={tile}}}")
+    g2 = pm.run(g)
+    rec = pm.records[0]
+    assert rec.status == "ok" and rec.modified
+    assert sorted(rec.stats["layers"]) == ["a", "b"]
+    assert rec.stats["skipped"] == {"c": "kernel 5x5 (Winograd F(m,3) needs 3x3)",
+                                    "down": "stride [2, 2]", "dil": "dilation [2, 2]",
+                                    "grp": "groups=4", "pw": "kernel 1x1 (Winograd F(m,3) needs 3x3)",
+                                    "d": "kernel 7x7 (Winograd F(m,3) needs 3x3)"}
+    for layer in rec.stats["layers"].values():
+        assert layer["algo"] == f"winograd F({tile},3)"
+        assert 0 < layer["rel_error"] <= fc.WINOGRAD_TOLERANCE[tile]
+        assert layer["params"] == [16 * layer["params"][0] // 16, (tile + 2) ** 2 * layer["params"][0] // 9]
+    assert _ops(g2).count(WINOGRAD) == 2 and _ops(g2).count(aten.convolution.default) == 6
+    # the old 3x3 weights are gone, the transformed filters are parameters
+    names = dict(g2.gm.named_parameters())
+    assert "a.weight" not in names and names["a.winograd_u"].shape == (tile + 2, tile + 2, 16, 3)
+    y = torch.randn_like(x)
+    assert _rel(g2(y), model(y)) <= fc.WINOGRAD_TOLERANCE[tile]
+
+
+def test_fft_pass_and_its_options(mixed):
+    model, x, g = mixed
+    pm = slimfx.PassManager("fft-conv")
+    g2 = pm.run(g)
+    layers = pm.records[0].stats["layers"]
+    assert sorted(layers) == ["c", "d"]  # 5x5 and 7x7; 3x3 below min_kernel
+    assert all(0 < r["rel_error"] <= fc.FFT_TOLERANCE for r in layers.values())
+    assert _ops(g2).count(FFT) == 2
+    g3 = slimfx.run_pipeline(g, "fft-conv{min_kernel=3,tile=4,exclude=[d]}")
+    assert _ops(g3).count(FFT) == 3  # a, b, c (7x7 'd' excluded)
+    spec = dict(g3.gm.named_parameters())["c.fft_spectrum"]
+    assert spec.shape == (2, 8, 5, 16, 16)  # N = tile + k - 1 = 8
+    y = torch.randn_like(x)
+    assert _rel(g3(y), model(y)) <= fc.FFT_TOLERANCE
+
+
+def test_bad_options_and_inputs_are_named(mixed):
+    _, _, g = mixed
+    with pytest.raises(PipelineError, match="pass 'winograd', option 'tile': '3' is not one of 2, 4"):
+        slimfx.run_pipeline(g, "winograd{tile=3}")
+    with pytest.raises(PipelineError, match="pass 'fft-conv': min_kernel must be at least 2"):
+        slimfx.run_pipeline(g, "fft-conv{min_kernel=1}")
+    with pytest.raises(PipelineError, match="unknown algorithm.*'fast'.*in algos"):
+        slimfx.run_pipeline(g, "select-conv-algo{algos=[winograd4,fast]}")
+    with pytest.raises(PipelineError, match="margin must be >= 1"):
+        slimfx.run_pipeline(g, "select-conv-algo{margin=0.5}")
+    with pytest.raises(PassError, match="exclude names module 'nope'"):
+        slimfx.run_pipeline(g, "winograd{exclude=[nope]}")
+    with pytest.raises(PassError, match="cannot measure on target 'aarch64'.*use by=model"):
+        slimfx.run_pipeline(g, "select-conv-algo{target=aarch64}")
+    with pytest.raises(ValueError, match="kernels up to 29"):
+        fc.fft_tile(31, 64, 64)
+
+
+def test_manager_verifies_at_the_tile_tolerance(mixed, monkeypatch):
+    _, _, g = mixed
+    assert fc.WinogradPass(tile=2).atol == 1e-5 and fc.WinogradPass(tile=4).atol == 1e-4
+    # a bound tighter than F(4,3)'s real error must fail verification and roll back
+    monkeypatch.setitem(fc.WINOGRAD_TOLERANCE, 4, 1e-9)
+    with pytest.raises(PassError, match="lossless pass changed the outputs"):
+        slimfx.run_pipeline(g, "winograd{tile=4}")
+
+
+def test_select_by_model_applies_only_choices_that_beat_direct():
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 11, padding=5), nn.ReLU(),
+                          nn.Conv2d(64, 4, 3, padding=1)).eval()
+    x = torch.randn(1, 64, 56, 56)
+    pm = slimfx.PassManager("select-conv-algo{by=model}")
+    g = pm.run(model, x)
+    stats = pm.records[0].stats
+    choices = stats["choices"]
+    assert stats["by"] == "model" and sorted(choices) == ["0", "2", "4"]
+    for name, c in choices.items():
+        ms = c["ms"]
+        assert set(ms) == ({"direct", "winograd2", "winograd4", "fft"} if name != "2"
+                           else {"direct", "fft"})
+        if c["choice"] != "direct":
+            assert ms["direct"] >= 1.05 * ms[c["choice"]]
+            assert name in stats["layers"]
+        else:
+            assert min(ms.values()) * 1.05 > ms["direct"] and name not in stats["layers"]
+    # the model prefers F(4,3) for the wide 3x3, FFT for the 11x11, direct for 4 outputs
+    assert [choices[n]["choice"] for n in ("0", "2", "4")] == ["winograd4", "fft", "direct"]
+    ops = [n.target for n in g.find() if n.target in (WINOGRAD, FFT, aten.convolution.default)]
+    assert ops == [WINOGRAD, FFT, aten.convolution.default]
+
+
+# --------------------------------------------------------------------------- compiled
+class Net(nn.Module):
+    """A stem (direct, blocked layout), Winograd convs with ReLU and a residual add
+    between blocked neighbours, a 1x1, an FFT conv, odd channels and partial tiles."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.w2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.w4 = nn.Conv2d(16, 24, 3, padding=1)
+        self.pw = nn.Conv2d(24, 16, 1)
+        self.f = nn.Conv2d(16, 12, 5, padding=2)
+        self.w4b = nn.Conv2d(12, 8, 3)  # no padding, 12 -> 8 channels
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.w2(y) + y)
+        y = self.pw(torch.relu(self.w4(y)))
+        return self.w4b(torch.relu(self.f(y)))
+
+
+@pytest.fixture(scope="module")
+def compiled_net():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(1, 3, 26, 26)
+    pipeline = "winograd{tile=2,exclude=[w4,w4b]},winograd{tile=4},fft-conv"
+    return model, x, slimfx.compile(model, x, pipeline=pipeline, atol=fc.WINOGRAD_TOLERANCE[4])
+
+
+def test_compiled_fast_convs_match_direct(compiled_net):
+    model, x, cm = compiled_net
+    graph = cm.manifest["graph"]
+    assert graph["outputs"] == ["f32[1,8,11,11]"]
+    kernels = cm.manifest["build"]["kernels"]
+    assert kernels["winograd_input"] == 3 and kernels["winograd_output"] == 3
+    assert kernels["winograd_gemm"] == 3 and kernels["fft_gemm"] >= 5
+    assert kernels["conv"] == 2  # stem and 1x1 stay direct (blocked)
+    for seed in (1, 2):
+        y = torch.randn_like(x, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            ref = model(y)
+        assert _rel(cm(y), ref) <= fc.WINOGRAD_TOLERANCE[4]
+
+
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4", "fft"])
+def test_each_compiled_op_alone_matches_direct_in_nchw(algo):
+    # no blocked neighbours: NCHW in and out, channel counts the vector does not divide
+    torch.manual_seed(3)
+    k = 3 if algo != "fft" else 7
+    conv = nn.Conv2d(20, 36, k, padding=1).eval()
+    x = torch.randn(2, 20, 10, 9)
+    pipe = fc._pipeline_of(algo)
+    tol = fc.WINOGRAD_TOLERANCE[int(algo[-1])] if algo != "fft" else fc.FFT_TOLERANCE
+    cm = slimfx.compile(conv, x, pipeline=pipe, atol=tol)
+    y = torch.randn_like(x)
+    with torch.no_grad():
+        assert _rel(cm(y), conv(y)) <= tol
+
+
+def test_select_by_measure_records_times_and_applies_faster_choices():
+    conv = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 16, 12, 12)
+    fc._MEASURED.clear()
+    pm = slimfx.PassManager("select-conv-algo{by=measure,algos=[winograd4],repeat=3}")
+    g = pm.run(conv, x)
+    c = pm.records[0].stats["choices"]["0"]
+    assert set(c["ms"]) == {"direct", "winograd4"} and all(t > 0 for t in c["ms"].values())
+    faster = c["ms"]["direct"] >= 1.05 * c["ms"]["winograd4"]
+    assert c["choice"] == ("winograd4" if faster else "direct")
+    assert (next(g.find()).target is WINOGRAD) == faster
+    assert len(fc._MEASURED) == 2  # cached: a layer of the same shape is not measured again
