@@ -30,7 +30,7 @@ parameter is written as version 1 (one ``.npy`` per parameter).
 >>> lengths = huffman_code_lengths(np.bincount(v, minlength=16))
 >>> stream, offsets, nbits = huffman_encode(v, lengths)
 >>> huffman_decode(stream, offsets, lengths, len(v)).tolist(), nbits
-([3, 0, 15, 7, 7], 8)
+([3, 0, 15, 7, 7], 10)
 """
 
 from __future__ import annotations

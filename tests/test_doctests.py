@@ -10,7 +10,7 @@ import slimfx
 
 MODULES = sorted(m.name for m in pkgutil.walk_packages(slimfx.__path__, "slimfx.")
                  if not m.name.endswith("__main__"))
-MODULES += sorted(f"slimfx.{sub}.{m.name}" for sub in ("ir", "passes")
+MODULES += sorted(f"slimfx.{sub}.{m.name}" for sub in ("ir", "passes", "lowering", "runtime")
                   for m in pkgutil.iter_modules(importlib.import_module(f"slimfx.{sub}").__path__))
 
 
