@@ -113,6 +113,9 @@ def main() -> None:
     ap.add_argument("--prune-params", type=float, default=0.35,
                     help="fraction of parameters kept by channel pruning before sharing")
     ap.add_argument("--prune-steps", type=int, default=3)
+    ap.add_argument("--round-to", type=int, default=8,
+                    help="pruned widths a multiple of this (8: finer than the default 16, "
+                         "so more parameters go before sharing)")
     ap.add_argument("--prune-ft-steps", type=int, default=300)
     ap.add_argument("--buckets", type=int, default=1024, help="hash-weights buckets per layer")
     ap.add_argument("--threads", type=int, default=1)
@@ -184,7 +187,8 @@ def main() -> None:
         g.analyze(force=True)
 
     pruned, _ = gradual_prune(captured, params=args.prune_params, steps=args.prune_steps,
-                              criterion="l1", finetune=finetune, bn="fixed")
+                              criterion="l1", round_to=args.round_to, finetune=finetune,
+                              bn="fixed")
     pruned = slimfx.run_pipeline(pruned, "fold-bn,dce")
     p_acc = acc(pruned)
     p_cm = slimfx.compile(pruned, **compile_kw)
