@@ -62,9 +62,10 @@ class PruneOptions:
 
     ratio: fraction of prunable channel sets to remove.
     round_to: kept channels a multiple of this (16 by default: whole AVX-512 vectors of
-        float32, and a multiple of the AVX2 and NEON widths).  On this machine a pruned
-        ResNet with widths of 24 and 40 ran 1.65x slower than one with widths of 16 and 32
-        at the same MACs: the compiled convolutions fall back to half-width vector blocks.
+        float32, and a multiple of the AVX2 and NEON widths).  ``bench/prune_widths.py``:
+        at equal MACs a pruned ResNet with widths 24 and 40 ran about 1.6x slower than one
+        with widths 16 and 32 (half-width vector blocks), and with odd widths
+        (``round_to=1``) 7x slower, slower than the unpruned model.
     macs / params: fraction of the graph's MACs / parameters to keep (e.g. 0.5 halves it).
     exclude: module paths whose layers keep their shape (a path excludes its submodules).
     only: module-path patterns (``fnmatch``): prune only the groups whose channels are
