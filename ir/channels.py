@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .graph import Graph
+from .graph import Graph, in_modules
 from .ops import op_name
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "register_channel_rule", "channel_rules"]
@@ -226,8 +226,7 @@ class ChannelAnalysis:
             return
         for node in self.graph.fx.nodes:
             path = node.meta.get("module_path", "")
-            if node.op == "call_function" and any(path == p or path.startswith(p + ".")
-                                                  for p in self.exclude):
+            if node.op == "call_function" and in_modules(path, self.exclude):
                 for a in node.all_input_nodes:
                     if a.op == "get_attr":
                         self.block(a, None, f"excluded layer {path}")

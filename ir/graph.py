@@ -37,7 +37,16 @@ from slimfx.errors import GraphError
 
 from .ops import is_canonical, macs_of, op_name
 
-__all__ = ["Graph", "NodeInfo", "TensorSpec"]
+__all__ = ["Graph", "NodeInfo", "TensorSpec", "in_modules"]
+
+
+def in_modules(path: str, modules) -> bool:
+    """Whether module ``path`` is one of ``modules`` or a submodule of one.
+
+    >>> in_modules("layer1.0.conv1", ["layer1"]), in_modules("layer10", ["layer1"])
+    (True, False)
+    """
+    return any(path == m or path.startswith(m + ".") for m in modules)
 
 
 class TensorSpec(NamedTuple):

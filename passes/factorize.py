@@ -48,7 +48,7 @@ from typing import Any, Literal
 import torch
 import torch.fx
 
-from slimfx.ir import Graph
+from slimfx.ir import Graph, in_modules
 
 from .base import Pass, PassResult, register_pass
 
@@ -188,10 +188,6 @@ def tucker2_factors(w: torch.Tensor, r_in: int | None = None, r_out: int | None 
 
 
 # ============================================================================ the pass
-def _excluded(path: str, exclude: tuple[str, ...]) -> bool:
-    return any(path == p or path.startswith(p + ".") for p in exclude)
-
-
 def _eligible(graph: Graph, n: Node, opts: FactorizeOptions) -> str | None:
     """Why ``n`` cannot be factorized, or ``None`` when it can."""
     w = n.args[1]
@@ -325,7 +321,7 @@ class Factorize(Pass):
             if n.op != "call_function" or n.target not in targets:
                 continue
             path = n.meta.get("module_path") or n.name
-            if _excluded(path, opts.exclude):
+            if in_modules(path, opts.exclude):
                 skipped[path] = "excluded"
                 continue
             why = _eligible(graph, n, opts)

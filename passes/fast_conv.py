@@ -417,6 +417,29 @@ def _check_exclude(graph: Graph, exclude) -> None:
                              f"{sorted(_layer_name(n) for n in _convs(graph))})")
 
 
+def _substitute_all(graph: Graph, exclude, reject, algo: str, **kw) -> PassResult:
+    """Replace every eligible convolution by ``algo``: those ``conv_params`` accepts, that
+    ``reject(params)`` does not refuse (it returns the reason) and that are not excluded;
+    the others are listed with their reason."""
+    _check_exclude(graph, exclude)
+    eligible, skipped = [], {}
+    for node in _convs(graph):
+        p, why = conv_params(graph, node)
+        if p is not None:
+            why = reject(p)
+            p = p if why is None else None
+        if _layer_name(node) in exclude:
+            p, why = None, "excluded"
+        if p is None:
+            skipped[_layer_name(node)] = why
+        else:
+            eligible.append((node, p))
+    inputs = _conv_inputs(graph, [n for n, _ in eligible]) if eligible else {}
+    records = {_layer_name(node): _substitute(graph, node, algo, p, inputs[node.name], **kw)
+               for node, p in eligible}
+    return _finish(graph, records, skipped)
+
+
 # --------------------------------------------------------------------------- winograd
 @dataclass(frozen=True)
 class WinogradOptions:
@@ -444,24 +467,10 @@ class WinogradPass(Pass):
         return WINOGRAD_TOLERANCE[self.options.tile]
 
     def run(self, graph: Graph) -> PassResult:
-        _check_exclude(graph, self.options.exclude)
-        eligible, skipped = [], {}
-        for node in _convs(graph):
-            p, why = conv_params(graph, node)
-            if p is not None and p.kernel != 3:
-                p, why = None, f"kernel {p.kernel}x{p.kernel} (Winograd F(m,3) needs 3x3)"
-            if _layer_name(node) in self.options.exclude:
-                p, why = None, "excluded"
-            if p is None:
-                skipped[_layer_name(node)] = why
-            else:
-                eligible.append((node, p))
-        inputs = _conv_inputs(graph, [n for n, _ in eligible]) if eligible else {}
-        records = {}
-        for node, p in eligible:
-            records[_layer_name(node)] = _substitute(
-                graph, node, f"winograd{self.options.tile}", p, inputs[node.name])
-        return _finish(graph, records, skipped)
+        def reject(p):
+            return f"kernel {p.kernel}x{p.kernel} (Winograd F(m,3) needs 3x3)" if p.kernel != 3 else None
+
+        return _substitute_all(graph, self.options.exclude, reject, f"winograd{self.options.tile}")
 
 
 # --------------------------------------------------------------------------- fft
@@ -495,24 +504,13 @@ class FFTConvPass(Pass):
     Options = FFTConvOptions
 
     def run(self, graph: Graph) -> PassResult:
-        _check_exclude(graph, self.options.exclude)
-        eligible, skipped = [], {}
-        for node in _convs(graph):
-            p, why = conv_params(graph, node)
-            if p is not None and p.kernel < self.options.min_kernel:
-                p, why = None, f"kernel {p.kernel} < min_kernel {self.options.min_kernel}"
-            if _layer_name(node) in self.options.exclude:
-                p, why = None, "excluded"
-            if p is None:
-                skipped[_layer_name(node)] = why
-            else:
-                eligible.append((node, p))
-        inputs = _conv_inputs(graph, [n for n, _ in eligible]) if eligible else {}
-        records = {}
-        for node, p in eligible:
-            records[_layer_name(node)] = _substitute(graph, node, "fft", p, inputs[node.name],
-                                                     tile=self.options.tile or None)
-        return _finish(graph, records, skipped)
+        k = self.options.min_kernel
+
+        def reject(p):
+            return f"kernel {p.kernel} < min_kernel {k}" if p.kernel < k else None
+
+        return _substitute_all(graph, self.options.exclude, reject, "fft",
+                               tile=self.options.tile or None)
 
 
 # --------------------------------------------------------------------------- selection

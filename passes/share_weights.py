@@ -49,7 +49,7 @@ import torch
 import torch.fx
 
 from slimfx.errors import GraphError
-from slimfx.ir import Graph
+from slimfx.ir import Graph, in_modules
 from slimfx.runtime.artifact import encode_indices, index_bits
 
 from .base import PassResult, register_pass
@@ -98,7 +98,8 @@ def _(indices, codebook, decode="load"):
     return codebook.new_empty(indices.shape)
 
 
-def _codebook_setup(ctx, inputs, output):
+def _save_indices(ctx, inputs, output):
+    """Autograd context of the codebook ops: the indices and the codebook's shape."""
     indices, codebook, _ = inputs
     ctx.save_for_backward(indices)
     ctx.cb_shape = tuple(codebook.shape)
@@ -111,7 +112,7 @@ def _codebook_backward(ctx, grad):
     return None, grad_cb, None
 
 
-codebook_weight.register_autograd(_codebook_backward, setup_context=_codebook_setup)
+codebook_weight.register_autograd(_codebook_backward, setup_context=_save_indices)
 
 
 @torch.library.custom_op("slimfx::pq_weight", mutates_args=())
@@ -139,12 +140,6 @@ def _(indices, codebook, decode="load"):
     return codebook.new_empty(indices.shape[0], codebook.shape[0] * codebook.shape[2])
 
 
-def _pq_setup(ctx, inputs, output):
-    indices, codebook, _ = inputs
-    ctx.save_for_backward(indices)
-    ctx.cb_shape = tuple(codebook.shape)
-
-
 def _pq_backward(ctx, grad):
     (indices,) = ctx.saved_tensors
     m, k, d = ctx.cb_shape
@@ -153,7 +148,7 @@ def _pq_backward(ctx, grad):
     return None, grad_cb.reshape(m, k, d), None
 
 
-pq_weight.register_autograd(_pq_backward, setup_context=_pq_setup)
+pq_weight.register_autograd(_pq_backward, setup_context=_save_indices)
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL1 = 0x9E3779B1  # Knuth's multiplicative constant: spreads positions over 32 bits
@@ -407,13 +402,13 @@ def _weights(graph: Graph, exclude: tuple[str, ...]) -> list[tuple[Node, Node]]:
                 seen[w] = n
     paths = {(layer.meta.get("module_path") or layer.name) for layer in seen.values()}
     for ex in exclude:
-        if not any(p == ex or p.startswith(ex + ".") for p in paths):
+        if not any(in_modules(p, [ex]) for p in paths):
             raise GraphError(f"option 'exclude': no conv or linear layer at module path {ex!r} "
                              f"(layers: {', '.join(sorted(paths))})")
     out = []
     for w, layer in seen.items():
         path = layer.meta.get("module_path") or layer.name
-        if not any(path == ex or path.startswith(ex + ".") for ex in exclude):
+        if not in_modules(path, exclude):
             out.append((w, layer))
     return out
 
