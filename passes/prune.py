@@ -283,9 +283,9 @@ class _Plan:
     guards: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
 
 
-def _source_layer(ca: ChannelAnalysis, group) -> str:
+def _source_layer(by_name: dict[str, Node], group) -> str:
     """Module path of the layer that produces a group's channels (reads its source param)."""
-    node = next(n for n in ca.graph.fx.nodes if n.name == group.source[0])
+    node = by_name[group.source[0]]
     if node.op == "get_attr":
         node = next(iter(node.users), node)
     return node.meta.get("module_path", node.name)
@@ -294,7 +294,8 @@ def _source_layer(ca: ChannelAnalysis, group) -> str:
 def _plan(ca: ChannelAnalysis, opts: PruneOptions, data=None, loss_fn=None) -> _Plan:
     groups = ca.groups()
     if opts.only:
-        sources = [_source_layer(ca, g) for g in groups]
+        by_name = {n.name: n for n in ca.graph.fx.nodes}
+        sources = [_source_layer(by_name, g) for g in groups]
         groups = [g for g, src in zip(groups, sources)
                   if any(fnmatch.fnmatchcase(src, p) for p in opts.only)]
         if not groups:
