@@ -28,7 +28,13 @@ pipeline="fold-bn,dce")`` for batch 1 and timed with ``CompiledModel.benchmark``
 alternating rounds; latency is the median over rounds of each round's median.  MACs are
 slimfx's count on the captured graph (conv + linear).
 
-    python bench/prune_accuracy.py [--epochs 6] [--finetune-steps 150] [--steps 3] [--quick]
+The gradual arms (slimfx and Torch-Pruning alike) split the fine-tune budget with
+``split_budget(total, rounds, final_share)``: the last round, whose pruning hurts most,
+gets ``--final-share`` of it.  One test split of 1,000 images makes one image 0.1 pt, and
+single runs differ by a few tenths of a point, so every arm runs for each of ``--seeds``
+(its own data split, baseline and batches) and accuracies are averaged.
+
+    python bench/prune_accuracy.py [--seeds 0,1,2] [--finetune-steps 150] [--steps 3] [--quick]
 
 Needs ``pip install -e ".[bench]"`` (torch-pruning, mlxtend, scikit-learn).
 """
@@ -51,7 +57,7 @@ from torch import nn
 
 import slimfx
 from slimfx.ir.printing import format_table, human
-from slimfx.passes.prune import ChannelPruning, PruneOptions, gradual_prune
+from slimfx.passes.prune import ChannelPruning, PruneOptions, gradual_prune, split_budget
 from slimfx.zoo import BasicBlock
 
 T0 = time.perf_counter()
@@ -224,12 +230,6 @@ def train_steps(forward, params, stream: BatchStream, steps: int, lr: float, *,
     return loss_sum / max(steps, 1)
 
 
-def split_steps(total: int, rounds: int) -> list[int]:
-    """The fine-tune budget split over pruning rounds (remainder in the last rounds)."""
-    base, extra = divmod(total, rounds)
-    return [base + (1 if i >= rounds - extra else 0) for i in range(rounds)]
-
-
 # ================================================================================ arms
 class Result:
     def __init__(self, method: str, target: str, graph: slimfx.Graph, acc_pre: float,
@@ -267,7 +267,7 @@ def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str,
     the shared fine-tune budget split over the rounds; ``prune_kw`` go to PruneOptions."""
     x_tr, y_tr, x_te, y_te = data
     stream = BatchStream(x_tr, y_tr, args.batch, args.seed + 1)
-    budget = split_steps(args.finetune_steps, args.steps)
+    budget = split_budget(args.finetune_steps, args.steps, args.final_share)
     pre: list[float] = []
     method = method or f"slimfx gradual global norm=mean, {BN_LABEL[bn]}"
 
@@ -346,7 +346,7 @@ def torch_pruning_arm(model: nn.Module, target_macs: int, args, data, example) -
     keep = target_macs / base_macs
     m = copy.deepcopy(model).eval()
     stream = BatchStream(x_tr, y_tr, args.batch, args.seed + 1)
-    budget = split_steps(args.finetune_steps, args.steps)
+    budget = split_budget(args.finetune_steps, args.steps, args.final_share)
     pre = post = 0.0
     ratios = []
     for k in range(args.steps):
@@ -458,6 +458,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
                     help="SGD steps of fine-tuning per pruned model (all rounds together)")
     ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--steps", type=int, default=3, help="gradual / iterative pruning rounds")
+    ap.add_argument("--final-share", type=float, default=2 / 3,
+                    help="share of the fine-tune budget given to the last gradual round "
+                         "(split_budget; 0 = equal split); Torch-Pruning's rounds get the same")
     ap.add_argument("--round-to", type=int, default=8,
                     help="kept channels rounded to a multiple of this (8 here, finer than "
                          "PruneOptions' default of 16: at 16 this model's 16-channel stage "
@@ -491,29 +494,22 @@ def setup(args) -> None:
     torch.manual_seed(args.seed)
 
 
-def main() -> None:
-    ap = common_args(__doc__.splitlines()[0])
-    ap.add_argument("--tp-search", type=int, default=16,
-                    help="bisection steps for TP's pruning_ratio, per round")
-    args = ap.parse_args()
-    setup(args)
-
-    # ---------------------------------------------------------------- baseline
+def run_seed(args) -> tuple[float, list[Result], str, torch.Tensor]:
+    """Train the baseline for ``args.seed`` and run every pruning arm; returns (baseline
+    accuracy, results (baseline first), data source, example input)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     model, data, example, source, base_acc = train_baseline(args)
-    x_tr, y_tr, x_te, y_te = data
-
     base = slimfx.capture(model, example)
-    graph_acc = accuracy(graph_forward(base), x_te, y_te)
+    graph_acc = accuracy(graph_forward(base), data[2], data[3])
     assert module_macs(model, example) == base.macs(), "MAC counters disagree"
     log(f"captured: {human(base.macs())} MACs, {weight_count(base):,} weights, "
         f"graph accuracy {graph_acc:.2f}%")
-    baseline = Result("baseline (unpruned)", "1x", base, base_acc, base_acc)
-    results: list[Result] = [baseline]
-
-    # ---------------------------------------------------------------- pruning arms
+    results: list[Result] = [Result("baseline (unpruned)", "1x", base, base_acc, base_acc)]
     for factor in [float(f) for f in args.targets.split(",")]:
         keep, label = 1 / factor, f"{factor:g}x"
-        log(f"target {label} fewer MACs (keep {keep:.3f})")
+        log(f"seed {args.seed}: target {label} fewer MACs (keep {keep:.3f})")
         arms = [slimfx_gradual(base, keep, args, data, bn="train"),
                 slimfx_gradual(base, keep, args, data, bn="fixed")]
         for normalize, strategy in (("mean", "global"), ("none", "global"), ("mean", "uniform")):
@@ -524,73 +520,118 @@ def main() -> None:
         for r, key in zip(arms, keys):
             r.target, r.key = label, key
         results += arms
+    return base_acc, results, source, example
+
+
+def main() -> None:
+    ap = common_args(__doc__.splitlines()[0])
+    ap.add_argument("--tp-search", type=int, default=16,
+                    help="bisection steps for TP's pruning_ratio, per round")
+    ap.add_argument("--seeds", default="0,1,2",
+                    help="seeds (each: data split, baseline, fine-tune batches); accuracies "
+                         "are averaged over them, MACs and latency are the first seed's")
+    args = ap.parse_args()
+    setup(args)
+    seeds = [int(x) for x in args.seeds.split(",")]
+
+    runs = []  # per seed: (baseline accuracy, results)
+    for seed in seeds:
+        a = argparse.Namespace(**vars(args))
+        a.seed = seed
+        base_acc, results, source, example = run_seed(a)
+        runs.append((base_acc, results))
+    base_acc, results = runs[0]
+    baseline = results[0]
+    n_test = len(load_data(args.dataset, seeds[0])[2])
 
     # ---------------------------------------------------------------- latency
     if not args.no_latency:
         measure_latency(results, args)
 
     # ---------------------------------------------------------------- report
+    def per_seed(i: int, what: str) -> list[float]:
+        out = []
+        for b, rs in runs:
+            r = rs[i]
+            out.append({"pre": r.acc_pre, "post": r.acc_post, "drop": r.acc_post - b}[what])
+        return out
+
+    mean = statistics.fmean
     rows = []
-    for r in results:
+    for i, r in enumerate(results):
         macs_ratio = r.macs / baseline.macs
         lat_ratio = r.latency / baseline.latency if r.latency else None
         eff = macs_ratio / lat_ratio if lat_ratio else None
+        drops = per_seed(i, "drop")
         rows.append([r.target, r.method, human(r.macs), f"{macs_ratio:.3f}", f"{r.params:,}",
-                     f"{r.acc_pre:.2f}", f"{r.acc_post:.2f}", f"{r.acc_post - base_acc:+.2f}",
-                     f"{r.latency:.2f}" if r.latency else "-",
+                     f"{mean(per_seed(i, 'pre')):.2f}", f"{mean(per_seed(i, 'post')):.2f}",
+                     f"{mean(drops):+.2f}", " ".join(f"{d:+.1f}" for d in drops),
+                     f"{r.latency:.3f}" if r.latency else "-",
                      f"{lat_ratio:.3f}" if lat_ratio else "-",
                      f"{eff:.2f}" if eff else "-", r.note])
     print()
     print(f"{source}; model DigitResNet(width={args.width}) on 1x{'x'.join(map(str, example.shape[1:]))}"
           f" inputs; baseline {args.epochs} epochs; fine-tune {args.finetune_steps} SGD steps "
           f"(batch {args.batch}, lr {args.finetune_lr}, cosine) per pruned model; "
-          f"{args.steps} rounds for gradual/iterative; round_to={args.round_to}; seed {args.seed}")
+          f"{args.steps} rounds for gradual/iterative, their fine-tune budget "
+          f"{split_budget(args.finetune_steps, args.steps, args.final_share)}; "
+          f"round_to={args.round_to}; seeds {args.seeds} (baselines "
+          f"{', '.join(f'{b:.2f}' for b, _ in runs)}%)")
     if not args.no_latency:
         print(latency_note(baseline, args))
-    print("acc pre-FT = right after pruning (gradual/iterative: after the last round's prune, "
-          "before its fine-tuning); acc = after the whole fine-tune budget")
+    print(f"MACs, weights and latency: seed {seeds[0]}'s models; accuracies: mean over the "
+          "seeds; d acc = pruned - that seed's baseline, then averaged; acc pre-FT = right "
+          "after pruning (gradual/iterative: after the last round's prune, before its "
+          "fine-tuning)")
     print("lat ratio = latency / unpruned latency; speed eff = MACs ratio / lat ratio "
           "(= speedup / MAC reduction; goal >= 0.90, i.e. lat ratio <= MACs ratio / 0.9)")
     print(format_table(["target", "method", "MACs", "MACs ratio", "weights", "acc pre-FT %",
-                        "acc %", "d acc", "latency ms", "lat ratio", "speed eff", "note"],
-                       rows, right={2, 3, 4, 5, 6, 7, 8, 9, 10}))
+                        "acc %", "d acc", "d acc per seed", "latency ms", "lat ratio",
+                        "speed eff", "note"],
+                       rows, right={2, 3, 4, 5, 6, 7, 9, 10, 11}))
 
     # per-layer widths: what the global rankings chose
     shown = [r for r in results if r.key in ("sx-grad-train", "tp")]
-    widths = [("base", conv_widths(base))] + [
+    widths = [("base", conv_widths(baseline.graph))] + [
         (f"{r.target} {'slimfx' if r.key == 'sx-grad-train' else 'TP'}", conv_widths(r.graph))
         for r in shown]
-    print("\noutput channels per layer (slimfx gradual, BN train-mode FT, vs Torch-Pruning):")
+    print(f"\noutput channels per layer, seed {seeds[0]} (slimfx gradual, BN train-mode FT, vs "
+          "Torch-Pruning):")
     print(format_table(["layer"] + [w[0] for w in widths],
                        [[name] + [str(w[1].get(name, 0)) for w in widths] for name in widths[0][1]],
                        right=set(range(1, len(widths) + 1))))
 
     # goals
-    print("\ngoals (slimfx = gradual global norm=mean; both fine-tuning variants):")
+    print(f"\ngoals (slimfx = gradual global norm=mean; both fine-tuning variants; accuracies "
+          f"averaged over {len(seeds)} seeds):")
+    index = {(r.target, r.key): i for i, r in enumerate(results)}
     for label in dict.fromkeys(r.target for r in results[1:]):
-        by = {r.key: r for r in results if r.target == label}
-        tp_r = by["tp"]
+        tp_i = index[(label, "tp")]
+        tp_acc = mean(per_seed(tp_i, "post"))
         for key, what in (("sx-grad-train", "BN train-mode FT (same as TP)"),
                           ("sx-grad-fixed", "BN stats fixed (graph as captured)")):
-            ours = by[key]
-            head = f"  {label} {what}:"
-            drop = base_acc - ours.acc_post
+            i = index[(label, key)]
+            ours, head = results[i], f"  {label} {what}:"
+            drop = -mean(per_seed(i, "drop"))
             if label == "2x":
                 print(f"{head} accuracy drop {drop:.2f} pt (goal <= 0.50): "
                       f"{'MET' if drop <= 0.5 else 'MISSED'}")
-            mdev = tp_r.macs / ours.macs - 1
-            print(f"{head} slimfx {ours.acc_post:.2f}% vs torch-pruning {tp_r.acc_post:.2f}% at "
-                  f"MACs {human(ours.macs)} vs {human(tp_r.macs)} ({100 * mdev:+.1f}%): "
-                  f"{'MET' if ours.acc_post >= tp_r.acc_post else 'MISSED'} (no worse than TP)")
+            acc = mean(per_seed(i, "post"))
+            wins = sum(a >= b for a, b in zip(per_seed(i, "post"), per_seed(tp_i, "post")))
+            mdev = results[tp_i].macs / ours.macs - 1
+            print(f"{head} slimfx {acc:.2f}% vs torch-pruning {tp_acc:.2f}% at MACs "
+                  f"{human(ours.macs)} vs {human(results[tp_i].macs)} ({100 * mdev:+.1f}%; seed "
+                  f"{seeds[0]}), no worse in {wins}/{len(seeds)} seeds: "
+                  f"{'MET' if acc >= tp_acc else 'MISSED'} (no worse than TP on average)")
             if ours.latency:
                 mr, lr_ = ours.macs / baseline.macs, ours.latency / baseline.latency
                 print(f"{head} latency ratio {lr_:.3f} vs MACs ratio {mr:.3f} -> speed eff "
                       f"{mr / lr_:.2f} (goal >= 0.90, i.e. lat ratio <= {mr / 0.9:.3f}): "
                       f"{'MET' if lr_ <= mr / 0.9 else 'MISSED'}")
-    n = len(x_te)
-    se = 100 * math.sqrt(base_acc / 100 * (1 - base_acc / 100) / n)
-    print(f"\nnotes: {n} test images, so one image = {100 / n:.2f} pt and the binomial standard "
-          f"error at {base_acc:.1f}% is ~{se:.2f} pt; single seed.")
+    se = 100 * math.sqrt(base_acc / 100 * (1 - base_acc / 100) / (n_test * len(seeds)))
+    print(f"\nnotes: {n_test} test images per seed (one image = {100 / n_test:.2f} pt); the "
+          f"binomial standard error of a {len(seeds)}-seed mean at {base_acc:.1f}% is "
+          f"~{se:.2f} pt.")
     print("  'BN stats fixed': the captured graph as slimfx gives it (BatchNorm in inference form, "
           "running statistics from before pruning); 'BN train mode': this script flips the "
           "graph's BatchNorms to training mode during fine-tuning (Graph.batchnorm_training, "

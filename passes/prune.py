@@ -47,7 +47,7 @@ from slimfx.ir.channels import ChannelAnalysis, kept_fraction, macs_dims
 from .base import Pass, PassResult, register_pass
 
 __all__ = ["PruneOptions", "ChannelPruning", "select_channels", "apply_pruning", "score_sets",
-           "register_arg_rewrite", "gradual_prune", "GradualStep"]
+           "register_arg_rewrite", "gradual_prune", "GradualStep", "split_budget"]
 
 aten = torch.ops.aten
 Node = torch.fx.Node
@@ -379,6 +379,47 @@ class _Estimator:
         return sum(p * kept_fraction(self.ca, dims, c) for _, p, dims in self.params)
 
 
+#: A global selection may undershoot its MAC/parameter budget by this fraction before
+#: :func:`_fill` looks for a closer one.
+_FILL_TOLERANCE = 0.02
+
+
+def _fill(plan: _Plan, flat: list, metric: Callable[[set[int]], float], limit: float,
+          first: set[int]) -> set[int]:
+    """A removal closer to the budget than ``first``, the first prefix of the global order
+    that meets it.
+
+    With ``round_to`` a group loses channels in quanta: halving a 16-wide residual trunk
+    at ``round_to=8`` removes a fifth of a small ResNet's MACs at once, and the plain
+    prefix overshoots the budget (a 0.71x target landing at 0.53x).  This walks the same
+    lowest-score-first order, but when a quantum would cross the budget it records that
+    removal, leaves the group at its width and goes on with the other groups; the
+    candidate that meets the budget with the most MACs (parameters) left wins.
+    """
+    counts = [0] * len(plan.groups)
+    frozen: set[int] = set()
+    best, best_value = first, metric(first)
+    last: set[int] | None = None
+    for _, gi, _ in flat:
+        if gi in frozen:
+            continue
+        counts[gi] += 1
+        r = _removal(plan, counts)
+        if r == last:
+            continue  # inside a quantum: nothing changes until the group reaches the next one
+        value = metric(r)
+        if value <= limit:
+            if value > best_value:
+                best, best_value = r, value
+            counts[gi] -= 1
+            frozen.add(gi)
+            if best_value >= (1 - _FILL_TOLERANCE) * limit:
+                break
+        else:
+            last = r
+    return best
+
+
 def select_channels(ca: ChannelAnalysis, opts: PruneOptions, *, data=None,
                     loss_fn=None) -> tuple[set[int], dict[str, Any]]:
     """Choose the channel sets to remove under ``opts``; returns (sets, statistics)."""
@@ -423,6 +464,8 @@ def select_channels(ca: ChannelAnalysis, opts: PruneOptions, *, data=None,
                 else:
                     lo = mid
             removed = best
+            if opts.strategy == "global" and metric(best) < (1 - _FILL_TOLERANCE) * target * base:
+                removed = _fill(plan, flat, metric, target * base, best)
     per_group = {g.index: (len(g.sets) - sum(s in removed for s in g.sets), len(g.sets))
                  for g in plan.groups}
     stats = {
@@ -621,6 +664,28 @@ class GradualStep:
     metric: float | None
     seconds: float
     accepted: bool
+
+
+def split_budget(total: int, rounds: int, final_share: float = 0.5) -> list[int]:
+    """A fine-tune budget of ``total`` steps split over ``rounds`` pruning rounds: the last
+    round gets ``final_share`` of it (at least an equal share), the others the rest in
+    equal parts (remainders to the later rounds).
+
+    With a short budget, fine-tuning channels that a later round removes is partly
+    wasted, and the last round's pruning hurts the most (``bench/prune_accuracy.py``
+    prints the accuracy right after it), so the last round gets the larger share;
+    ``final_share=0`` is the equal split.
+
+    >>> split_budget(150, 3), split_budget(150, 3, final_share=0), split_budget(10, 1)
+    ([37, 38, 75], [50, 50, 50], [10])
+    """
+    if rounds < 1 or total < 0:
+        raise ValueError(f"split_budget needs rounds >= 1 and total >= 0, got {rounds}, {total}")
+    if not 0 <= final_share <= 1:
+        raise ValueError(f"final_share must be in [0, 1], got {final_share}")
+    last = max(round(final_share * total), -(-total // rounds)) if rounds > 1 else total
+    base, extra = divmod(total - last, rounds - 1) if rounds > 1 else (0, 0)
+    return [base + (1 if i >= rounds - 1 - extra else 0) for i in range(rounds - 1)] + [last]
 
 
 def gradual_prune(graph: Graph, options: PruneOptions | None = None, *, steps: int = 5,
