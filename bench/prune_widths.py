@@ -7,7 +7,11 @@ for the host (fast lowering, no tuning, batch 1) and timed in alternating rounds
 table gives each model's MACs and latency as ratios of the unpruned model's and the
 speed efficiency (MACs ratio / latency ratio; 1.0 = latency falls as much as MACs).
 
-    python bench/prune_widths.py [--keep 0.5,0.33] [--rounds 7]
+Rows ``1+pad(g)``: the ``round_to=1`` model then ``pad-channels{multiple=16,max_growth=g}``
+(zero channels up to the next multiple of 16 where that grows a width at most ``g``x):
+can padding recover the speed that odd widths lose, after the fact?
+
+    python bench/prune_widths.py [--keep 0.5,0.33] [--rounds 7] [--pad 1.5,3]
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", default="0.5,0.33", help="fractions of the MACs kept")
     ap.add_argument("--round-to", default="1,8,16", help="values of round_to compared")
+    ap.add_argument("--pad", default="1.5,3",
+                    help="max_growth values of pad-channels{multiple=16} applied to the "
+                         "round_to=1 model ('' for none)")
     ap.add_argument("--rounds", type=int, default=7, help="alternating benchmark rounds")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -43,7 +50,14 @@ def main() -> None:
             g = slimfx.run_pipeline(
                 base, f"prune-channels{{macs={keep},round_to={rt},criterion=random}}")
             rows.append((keep, rt, g))
-    models = [slimfx.compile(g, target="host", pipeline="fold-bn,dce") for *_, g in rows]
+            if rt == "1":
+                for mg in filter(None, args.pad.split(",")):
+                    padded = slimfx.run_pipeline(
+                        g, f"pad-channels{{multiple=16,max_growth={mg}}}")
+                    rows.append((keep, f"1+pad({mg})", padded))
+    # pad_channels=False: slimfx.compile would otherwise pad the odd widths itself.
+    models = [slimfx.compile(g, target="host", pipeline="fold-bn,dce", pad_channels=False)
+              for *_, g in rows]
     times: list[list[float]] = [[] for _ in rows]
     for k in range(args.rounds):
         order = list(range(len(rows)))

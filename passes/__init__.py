@@ -1,7 +1,7 @@
 """Passes: the pass manager, instruments, the pipeline parser, and the built-in passes.
 
 Built-in passes register themselves by name on import: ``fold-bn``, ``dce``,
-``const-fold``, ``prune-channels``, ``share-weights``, ``hash-weights``,
+``const-fold``, ``prune-channels``, ``pad-channels``, ``share-weights``, ``hash-weights``,
 ``winograd``, ``fft-conv``, ``select-conv-algo``.
 ``slimfx.passes.list_passes()`` lists every registered pass.
 """
@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (register the built-in passes)
     factorize,
     fast_conv,  # noqa: F401  (winograd, fft-conv, select-conv-algo)
     fold_bn,
+    pad_channels,
     prune,
     share_weights,  # noqa: F401  (share-weights, hash-weights)
 )

@@ -496,8 +496,16 @@ def register_arg_rewrite(*targets) -> Callable[[ArgRewrite], ArgRewrite]:
 
 
 class _Shapes:
-    def __init__(self, ca: ChannelAnalysis, removed: set[int]):
+    """How every dim changes: an index map per (node, dim), new position -> old index,
+    ``-1`` for a new zero channel (which belongs with the old element before it: a split
+    part or slice that ends with that element grows).  Dims without an explicit map
+    (``index_maps``) keep the elements of the sets not in ``removed``."""
+
+    def __init__(self, ca: ChannelAnalysis, removed: set[int],
+                 index_maps: dict[tuple[Node, int], np.ndarray] | None = None):
         self.ca, self.removed = ca, removed
+        self.maps = {(n, d % len(ca.shape(n))): np.asarray(m, dtype=np.int64)
+                     for (n, d), m in (index_maps or {}).items()}
         self._cache: dict = {}
 
     def keep(self, node: Node, dim: int) -> np.ndarray:
@@ -507,8 +515,24 @@ class _Shapes:
             self._cache[key] = self.ca.keep_mask(node, dim, self.removed)
         return self._cache[key]
 
+    def index(self, node: Node, dim: int) -> np.ndarray:
+        """New position -> old index (-1: a new zero channel)."""
+        dim %= len(self.ca.shape(node))
+        m = self.maps.get((node, dim))
+        return m if m is not None else np.nonzero(self.keep(node, dim))[0]
+
+    def count(self, node: Node, dim: int, lo: int, hi: int) -> int:
+        """New elements of ``node``'s dim coming from old indices ``lo <= i < hi`` (new
+        zero channels count with the old element before them)."""
+        m = self.index(node, dim)
+        if (m < 0).any():  # forward-fill: a new channel goes with its predecessor
+            pos = np.where(m >= 0, np.arange(len(m)), 0)
+            m = np.where(m >= 0, m, m[np.maximum.accumulate(pos)])
+            m = np.where(m >= 0, m, 0)  # new channels at the very front go with element 0
+        return int(((m >= lo) & (m < hi)).sum())
+
     def new_shape(self, node: Node) -> list[int]:
-        return [int(self.keep(node, d).sum()) for d in range(len(self.ca.shape(node)))]
+        return [len(self.index(node, d)) for d in range(len(self.ca.shape(node)))]
 
 
 @register_arg_rewrite(aten.convolution.default)
@@ -547,9 +571,8 @@ def _rw_creation(ca, node, removed, sh):
 def _rw_split(ca, node, removed, sh):
     x, sizes = node.args[0], node.args[1]
     dim = node.args[2] if len(node.args) > 2 else 0
-    keep = sh.keep(x, dim)
     offs = np.cumsum([0, *sizes])
-    node.update_arg(1, [int(keep[offs[i]:offs[i + 1]].sum()) for i in range(len(sizes))])
+    node.update_arg(1, [sh.count(x, dim, offs[i], offs[i + 1]) for i in range(len(sizes))])
 
 
 @register_arg_rewrite(aten.slice.Tensor)
@@ -559,8 +582,7 @@ def _rw_slice(ca, node, removed, sh):
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(xs)
     start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
     start = max(0, start + xs[dim] if start < 0 else min(start, xs[dim]))
-    keep = sh.keep(x, dim)
-    new_start = int(keep[:start].sum())
+    new_start = sh.count(x, dim, 0, start)
     new_len = sh.new_shape(node)[dim]
     args = list(node.args) + [None] * (4 - len(node.args))
     args[2], args[3] = new_start, new_start + new_len
@@ -571,14 +593,22 @@ def _rw_slice(ca, node, removed, sh):
 def _rw_select(ca, node, removed, sh):
     x, dim, index = node.args
     xs = ca.shape(x)
-    keep = sh.keep(x, dim)
-    node.update_arg(2, int(keep[:index % xs[dim % len(xs)]].sum()))
+    node.update_arg(2, sh.count(x, dim, 0, index % xs[dim % len(xs)]))
 
 
-def apply_pruning(ca: ChannelAnalysis, removed: set[int]) -> Graph:
-    """Physically remove channel sets from ``ca.graph`` (in place) and return it."""
+def apply_pruning(ca: ChannelAnalysis, removed: set[int], *,
+                  index_maps: dict[tuple[Node, int], np.ndarray] | None = None,
+                  fill: dict[Node, float] | None = None) -> Graph:
+    """Physically remove channel sets from ``ca.graph`` (in place) and return it.
+
+    ``index_maps`` generalises removal: ``{(node, dim): new position -> old index}`` with
+    ``-1`` for a new channel (``pad-channels`` adds zero channels this way); such a dim
+    follows its map instead of ``removed``.  New entries of a parameter are ``0``, or
+    ``fill[get_attr node]`` (a BatchNorm's running variance gets 1).
+    """
     graph = ca.graph
-    sh = _Shapes(ca, removed)
+    sh = _Shapes(ca, removed, index_maps)
+    fill = fill or {}
     expected = {n: sh.new_shape(n) for n in graph.fx.nodes if ca.shape(n) is not None}
     for n, shape in expected.items():
         if 0 in shape and 0 not in ca.shape(n):
@@ -591,16 +621,21 @@ def apply_pruning(ca: ChannelAnalysis, removed: set[int]) -> Graph:
         if n.op == "get_attr" and ca.shape(n) is not None:
             by_target[n.target].append(n)
     for target, nodes in by_target.items():
-        masks = [[sh.keep(n, d) for d in range(len(ca.shape(n)))] for n in nodes]
-        if all(m.all() for m in masks[0]) and all(
-                all(np.array_equal(a, b) for a, b in zip(masks[0], mk)) for mk in masks[1:]):
+        maps = [[sh.index(n, d) for d in range(len(ca.shape(n)))] for n in nodes]
+        sizes = ca.shape(nodes[0])
+        if all(np.array_equal(m, np.arange(s)) for m, s in zip(maps[0], sizes)) and all(
+                all(np.array_equal(a, b) for a, b in zip(maps[0], mk)) for mk in maps[1:]):
             continue
         value = graph.param(target)
-        for i, (n, mk) in enumerate(zip(nodes, masks)):
+        for i, (n, mk) in enumerate(zip(nodes, maps)):
             sliced = value
-            for d, m in enumerate(mk):
-                if not m.all():
-                    sliced = sliced.index_select(d, torch.from_numpy(np.nonzero(m)[0]))
+            for d, (m, s) in enumerate(zip(mk, sizes)):
+                if np.array_equal(m, np.arange(s)):
+                    continue
+                sliced = sliced.index_select(d, torch.from_numpy(np.maximum(m, 0)))
+                if (m < 0).any():
+                    sliced = sliced.index_fill(d, torch.from_numpy(np.nonzero(m < 0)[0]),
+                                               fill.get(n, 0.0))
             if i == 0:
                 graph.set_param(target, sliced.contiguous())
             else:
