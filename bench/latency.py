@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="timed runs per runner per round")
     ap.add_argument("--batch8", default="resnet18",
                     help="model for the batch-8 row ('' for none)")
+    ap.add_argument("--no-batch8", action="store_true", help="no batch-8 row")
     ap.add_argument("--no-torch-compile", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show tuning progress")
     args = ap.parse_args()
@@ -156,7 +157,7 @@ def main() -> None:
     torch.set_num_threads(host_target().num_cores)
     args.gemm = gemm_gflops()
     jobs = [(m, 1) for m in args.models.split(",") if m]
-    if args.batch8:
+    if args.batch8 and not args.no_batch8:
         jobs.append((args.batch8, 8))
     rows = []
     for name, batch in jobs:

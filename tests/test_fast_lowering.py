@@ -56,6 +56,62 @@ def test_conv_matches_pytorch(name):
         assert kinds.get("dwconv", 0) == 1
 
 
+def test_inverted_residual_relu6_stays_blocked():
+    """MobileNetV2 blocks: 1x1 expand, depthwise 3x3 (stride 1 and 2, odd map, 24 and 144
+    channels: 8-wide blocks), ReLU6, 1x1 project, residual.  ReLU6 is lowered as
+    max/min so it follows the blocked layout and fuses into the convolutions: no clip
+    kernel, no layout transform between the blocks (one at each end); pads inlined."""
+
+    def block(cin, mid, cout, stride):
+        return nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid),
+            nn.ReLU6(), nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU6())
+            self.down = block(16, 96, 24, 2)
+            self.same = block(24, 144, 24, 1)
+
+        def forward(self, x):
+            y = self.down(self.stem(x))
+            return y + self.same(y)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, outputs past 6
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 4)
+    x = 3 * torch.randn(1, 3, 21, 21)  # odd: stride 2 maps 11 -> 6 at the depthwise conv
+    cm = _check(model, x, pipeline="fold-bn,dce")
+    kinds = cm.manifest["build"]["kernels"]
+    assert kinds.get("dwconv") == 2 and kinds.get("conv") == 5
+    from tvm import relax
+
+    g = slimfx.run_pipeline(slimfx.capture(model, (x,)), "fold-bn,dce,legalize-tvm")
+    mod = cs.schedule(cs.prepare(to_relax(g).mod, host_target()), host_target())
+    calls = []
+    relax.analysis.post_order_visit(mod["main"].body, lambda e: calls.append(e.args[0].name_hint)
+                                    if isinstance(e, relax.Call)
+                                    and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    assert len(calls) == 9 and not any("clip" in n for n in calls)
+    assert [n for n in calls if "layout_transform" in n] == [calls[0], calls[-1]]
+    dw = [mod[n].script() for n in calls if n.startswith("fused_dwconv2d")]
+    assert len(dw) == 2 and not any("data_pad" in t for t in dw)  # the pad is inlined
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 6.0), (-0.5, 0.75)])
+def test_clip_after_depthwise_matches_pytorch(lo, hi):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1, groups=16), nn.Hardtanh(lo, hi))
+    cm = _check(model, 4 * torch.randn(1, 16, 9, 9))
+    assert cm.manifest["build"]["kernels"].get("dwconv") == 1
+
+
 def test_residual_block_with_pooling_and_linear():
     class Net(nn.Module):
         def __init__(self):
