@@ -8,6 +8,12 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
 ``select-conv-algo{by=measure}`` (and ``by=model``) and timed the same way.
 
     python bench/fast_conv.py [--rounds 5] [--runs 10] [--quick] [--models resnet18,vgg11]
+    python bench/fast_conv.py --layers 256x14x3,256x7x3 --models ''   # some grid points
+    python bench/fast_conv.py --layers 256x14x3 --packing --models ''  # U packed vs not
+
+The header also prints the streaming floor: the F(4,3) GEMM kernel at one row reading a
+256-channel ``U`` (9.4 MB) and a 56.6 MB buffer (an FFT spectrum's size), and per layer the
+weight bytes each algorithm reads and the bandwidth that implies.
 """
 
 from __future__ import annotations
@@ -52,6 +58,79 @@ def _time_rounds(models: dict, x, rounds: int, runs: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def stream_gbps(ci: int, co: int, rounds: int, runs: int) -> tuple[float, float]:
+    """``(ms, GB/s)``: the F(4,3) transform-domain GEMM kernel (its hand schedule) at one
+    row, i.e. streaming a packed ``U`` of ``36 x ci x co`` floats once, with nothing to
+    reuse: the floor of any F(4,3) layer of these channels, whatever its map."""
+    import numpy as np
+    import tvm
+    from tvm import te
+
+    from slimfx.lowering import cpu_schedules as cs
+    from slimfx.lowering import fast_conv as lf
+
+    info = host_target()
+    nb = lf.gemm_panel(1, co)
+    v = te.placeholder((36, 1, ci), name="v")
+    u = te.placeholder((36, co // nb, ci, nb), name="u")
+    out = lf._batch_gemm_te(v, u)
+    func = cs.schedule_primfunc(te.create_prim_func([v, u, out]), info)
+    assert func.attrs["slimfx.kernel"] == "winograd_gemm"
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=info.tvm()).jit()
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.random.rand(*(int(d) for d in t.shape)).astype("float32"), dev)
+            for t in (v, u, out)]
+    timer = lib.time_evaluator("main", dev, number=runs, repeat=rounds)
+    ms = statistics.median(timer(*args).results) * 1e3
+    return ms, 36 * ci * co * 4 / ms / 1e6
+
+
+def weight_mb(algo: str, cin: int, size: int, k: int) -> float:
+    """Bytes (MB) of the weights ``algo`` reads per call: direct ``k^2``, F(m,3)
+    ``(m+2)^2``, FFT ``2 N (N/2+1)`` floats per channel pair."""
+    if algo == "direct":
+        per = k * k
+    elif algo.startswith("winograd"):
+        per = (int(algo[-1]) + 2) ** 2
+    else:
+        n = fc.fft_tile(k, size, size, cin, cin) + k - 1
+        per = 2 * n * (n // 2 + 1)
+    return per * cin * cin * 4 / 1e6
+
+
+def bench_packing(grid, rounds: int, runs: int) -> list[list]:
+    """F(2,3) / F(4,3) with ``U`` packed in column panels (the lowering) vs one panel of
+    all columns (``U`` as ``(alpha^2, Cin, Cout)``, the layout before packing: the GEMM
+    then reads strided column blocks), timed in the same interleaved rounds."""
+    from slimfx.lowering import fast_conv as lf
+
+    rows = []
+    for cin, size, k in [g for g in grid if g[2] == 3]:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(cin, cin, k, padding=1).eval()
+        x = torch.randn(1, cin, size, size)
+        built = {}
+        for label, pack in (("packed", True), ("unpacked", False)):
+            lf.PACK_U = pack
+            try:
+                for a in ("winograd2", "winograd4"):
+                    built[f"{a} {label}"] = slimfx.compile(
+                        conv, x, pipeline=fc._pipeline_of(a), atol=fc.WINOGRAD_TOLERANCE[4],
+                        verbose=False)
+            finally:
+                lf.PACK_U = True
+        ms = _time_rounds(built, x, rounds, runs)
+        cells = []
+        for a in ("winograd2", "winograd4"):
+            p, u = ms[f"{a} packed"], ms[f"{a} unpacked"]
+            cells += [f"{u:.3f}", f"{p:.3f}", f"{u / p:.2f}x"]
+        rows.append([f"{cin}", f"{size}", *cells])
+        print(f"... packing {cin}ch {size}x{size}: " + ", ".join(f"{a} {v:.3f}" for a, v in ms.items()),
+              flush=True)
+    return rows
+
+
 def bench_layers(grid, rounds: int, runs: int) -> list[list]:
     rows = []
     for cin, size, k in grid:
@@ -71,8 +150,11 @@ def bench_layers(grid, rounds: int, runs: int) -> list[list]:
             cells += ([f"{ms[a]:.3f}", f"{ms['direct'] / ms[a]:.2f}x"] if a in ms else ["-", "-"])
         best = min(ms, key=ms.get)
         worst_err = max(v for a, v in errs.items() if a != "direct")
+        # the bandwidth each algorithm would need to read its weights in its own time
+        gbps = "/".join(f"{weight_mb(a, cin, size, k) / ms[a]:.0f}" for a in ms)
         rows.append([f"{cin}", f"{size}", f"{k}x{k}", f"{ms['direct']:.3f}", *cells, best,
-                     model_pick, f"{worst_err:.1e}"])
+                     model_pick, f"{worst_err:.1e}",
+                     "/".join(f"{weight_mb(a, cin, size, k):.1f}" for a in ms), gbps])
         print(f"... {cin}ch {size}x{size} k{k}: " + ", ".join(f"{a} {v:.3f}" for a, v in ms.items()),
               flush=True)
     return rows
@@ -110,21 +192,46 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     ap.add_argument("--runs", type=int, default=10, help="timed runs per algorithm and round")
     ap.add_argument("--quick", action="store_true", help=f"layers {QUICK} only")
+    ap.add_argument("--layers", default="",
+                    help="only these layers, 'CxSIZExK' comma-separated (e.g. 256x14x3,256x7x3)")
+    ap.add_argument("--packing", action="store_true",
+                    help="also time F(2,3)/F(4,3) with U packed vs unpacked (3x3 layers)")
     ap.add_argument("--models", default="resnet18,vgg11", help="zoo models ('' for none)")
     ap.add_argument("--size", type=int, default=112, help="model input height/width")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     t = host_target()
-    layer_rows = bench_layers(QUICK if args.quick else GRID, args.rounds, args.runs)
+    grid = QUICK if args.quick else GRID
+    if args.layers:
+        grid = [tuple(int(v) for v in spec.lower().split("x")) for spec in args.layers.split(",")]
+        if any(len(g) != 3 for g in grid):
+            ap.error(f"--layers takes CxSIZExK items, got {args.layers!r}")
+    layer_rows = bench_layers(grid, args.rounds, args.runs)
+    pack_rows = bench_packing(grid, args.rounds, args.runs) if args.packing else []
     model_rows = bench_models([m for m in args.models.split(",") if m], args.size, args.rounds,
                               args.runs)
+    s_ms, s_gbps = stream_gbps(256, 256, args.rounds, args.runs)
+    b_ms, b_gbps = stream_gbps(256, 6 * 256, args.rounds, args.runs)  # 56.6 MB: the FFT's size
     print(f"\ntarget host ({t.config['mcpu']}, {t.num_cores} cores, {t.vector_bits}-bit vectors), "
           f"no tuning; medians of {args.rounds} alternating rounds x {args.runs} runs; "
           "ratio = direct / algorithm (> 1: faster than direct)")
     print("\nper layer (Cin = Cout, stride 1, 'same' padding), compiled latency in ms")
+    print(f"streaming the packed F(4,3) weights of a 256-channel layer (9.4 MB) through the GEMM "
+          f"kernel at one row (no reuse): {s_ms:.3f} ms = {s_gbps:.1f} GB/s, the floor of any "
+          "F(4,3) layer of 256 channels")
+    print(f"the same kernel streaming 56.6 MB (the size of a 256-channel N=14 FFT spectrum, 58.7 "
+          f"MB): {b_ms:.3f} ms = {b_gbps:.1f} GB/s")
     print(format_table(["C", "HxW", "kernel", "direct", "F(2,3)", "ratio", "F(4,3)", "ratio",
-                        "FFT", "ratio", "fastest", "model picks", "parity err"],
-                       layer_rows, right=set(range(0, 10))))
+                        "FFT", "ratio", "fastest", "model picks", "parity err", "weights MB",
+                        "GB/s"],
+                       layer_rows, right=set(range(0, 10)) | {13, 14}))
+    print("weights MB: per call, each algorithm's (direct/F(2,3)/F(4,3)/FFT, or direct/FFT); "
+          "GB/s: those bytes / its median time")
+    if pack_rows:
+        print("\nWinograd GEMM weight layout, compiled latency in ms: U unpacked "
+              "(alpha^2, Cin, Cout) vs packed in column panels; ratio = unpacked / packed")
+        print(format_table(["C", "HxW", "F(2,3) unpacked", "packed", "ratio", "F(4,3) unpacked",
+                            "packed", "ratio"], pack_rows, right=set(range(8))))
     if model_rows:
         print("\nwhole model (fold-bn,dce first), compiled latency in ms; select-conv-algo "
               "by=measure and by=model vs direct")

@@ -10,9 +10,13 @@ Winograd F(m x m, 3 x 3) becomes three kernels (``alpha = m + 2``, ``P`` tiles):
    folded in, vectorized over input channels, parallel over tiles;
 2. transform-domain GEMM ``M[(eps, nu)] = V[(eps, nu)] @ U[(eps, nu)]`` (``P x Cin`` by
    ``Cin x Cout``, batched over the ``alpha^2`` points): a register tile of up to 8 rows
-   x two vectors of output channels, parallel over (point, column block) so a column
-   block of ``U`` stays in L1.  ``U`` is re-laid out to ``(alpha^2, Cin, Cout)`` in
-   ``main_transform_params`` (once, at load time);
+   x 2-4 vectors of output channels (16 accumulators), parallel over (point, column
+   panel).  ``U`` is packed to ``(alpha^2, Cout / nb, Cin, nb)`` in
+   ``main_transform_params`` (once, at load time; :func:`gemm_panel`), so each panel is
+   one contiguous stream read once from memory (and re-read from L1 by further row tiles).
+   With few tiles (deep layers on 7x7 or 14x14 maps) the kernel is bound by reading
+   ``U``, ``alpha^2 / 9`` times the direct weights: ``bench/fast_conv.py`` prints the
+   streaming floor;
 3. output transform ``Y = A^T M_p A + bias`` per ``m x m`` output tile (``NCHW``), with the
    element-wise ops after it fused (ReLU, residual add): unrolled over the tile,
    vectorized over a block of output channels, parallel over tile rows.  The kernel is
@@ -21,10 +25,13 @@ Winograd F(m x m, 3 x 3) becomes three kernels (``alpha = m + 2``, ``P`` tiles):
 
 FFT convolution is composed of Relax ops on ``N x N`` overlap-save tiles: a real DFT along
 ``x`` and a complex DFT along ``y`` as matrix products with precomputed twiddle matrices
-(for ``N <= 32`` a matrix DFT is as fast as any FFT), the spectral product as one real
-GEMM per frequency (``[Re V, Im V] @ [[Re W, Im W], [-Im W, Re W]]``, the block matrix
-built in ``main_transform_params``), and the inverse DFTs the same way, keeping only the
-``tile x tile`` valid outputs.
+(for ``N <= 32`` a matrix DFT is as fast as any FFT), the spectral product as one complex
+GEMM per frequency (``Re M = Re V Re W - Im V Im W``, ``Im M = Re V Im W + Im V Re W``,
+over a spectrum stored as ``(Re, Im)`` pairs in panels of output channels, packed in
+``main_transform_params``: 2 reals per complex weight), and the inverse DFTs the same way, keeping only the
+``tile x tile`` valid outputs.  The two transposes around the spectral product (to and
+from frequency-major order) have their own schedules (vectorized over channels, whole cache
+lines on both sides).
 
 >>> import torch, slimfx
 >>> m = torch.nn.Conv2d(4, 8, 3, padding=1)
@@ -46,7 +53,8 @@ from . import cpu_schedules as cs
 from .relax import register_lowering
 from .targets import LoweringError
 
-__all__ = ["INPUT_BLOCK", "OUTPUT_BLOCK", "GEMM_BLOCK", "FFT_GEMM_BLOCK", "dft_matrices"]
+__all__ = ["INPUT_BLOCK", "OUTPUT_BLOCK", "GEMM_BLOCK", "FFT_GEMM_BLOCK", "dft_matrices", "gemm_panel",
+           "FFT_CGEMM_BLOCK"]
 
 #: Block names of the Winograd kernels (anchors of the schedules registered below).
 INPUT_BLOCK = "winograd_input"
@@ -54,6 +62,15 @@ OUTPUT_BLOCK = "winograd_output"
 GEMM_BLOCK = "winograd_matmul"
 PAD_BLOCK = "winograd_pad"
 FFT_GEMM_BLOCK = "fft_matmul"
+FFT_CGEMM_BLOCK = "fft_cmatmul"
+FFT_FORWARD_BLOCK = "fft_forward_y"
+FFT_REGROUP_BLOCK = "fft_regroup"
+
+
+#: Pack the transformed Winograd weights in contiguous column panels (:func:`gemm_panel`);
+#: False keeps ``(alpha^2, Cin, Cout)``, the layout before packing, for A/B timing
+#: (``bench/fast_conv.py --packing``).  Read when a graph is lowered.
+PACK_U = True
 
 
 def _ints(shape) -> list[int]:
@@ -104,16 +121,46 @@ def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int):
 
 
 def _batch_gemm_te(v, u, name: str = GEMM_BLOCK):
-    """``out[e] = v[e] @ u[e]``; an operand with batch 1 is shared by every ``e``."""
+    """``out[e] = v[e] @ u[e]``; an operand with batch 1 is shared by every ``e``.
+
+    ``u`` is ``(batch, K, cols)``, or column-panel packed ``(batch, cols / nb, K, nb)``: each
+    panel of ``nb`` output columns contiguous, so the GEMM streams it once, in order.
+    """
     from tvm import te
 
     bv, rows, k = _ints(v.shape)
-    bu, _, cols = _ints(u.shape)
     rk = te.reduce_axis((0, k), name="k")
+    if len(u.shape) == 4:
+        bu, panels, _, nb = _ints(u.shape)
+        cols = panels * nb
+
+        def ue(e, kk, j):
+            return u[e if bu > 1 else 0, j // nb, kk, j % nb]
+    else:
+        bu, _, cols = _ints(u.shape)
+
+        def ue(e, kk, j):
+            return u[e if bu > 1 else 0, kk, j]
     return te.compute(
         (max(bv, bu), rows, cols),
-        lambda e, i, j: te.sum(v[e if bv > 1 else 0, i, rk] * u[e if bu > 1 else 0, rk, j], axis=rk),
+        lambda e, i, j: te.sum(v[e if bv > 1 else 0, i, rk] * ue(e, rk, j), axis=rk),
         name=name)
+
+
+def gemm_panel(rows: int, cols: int) -> int:
+    """Output columns per contiguous panel of the packed transformed weight ``U``.
+
+    Few rows (4 tiles of a 7x7 map under F(4,3)) take 64 columns (four 16-lane vectors), so
+    each loaded weight vector feeds every row's FMA and the accumulators stay 16; more rows
+    take 32 (8 rows x 2 vectors).  A panel must divide ``cols``.
+
+    >>> gemm_panel(4, 256), gemm_panel(16, 256), gemm_panel(49, 24), gemm_panel(4, 5)
+    (64, 32, 24, 5)
+    """
+    for nb in ((64, 32, 16) if rows <= 4 else (32, 16)):
+        if cols % nb == 0:
+            return nb
+    return cols if cols <= 64 else cs._largest_divisor(cols, 32)
 
 
 def _winograd_output_te(mm, bias, at: np.ndarray, n: int, ho: int, wo: int):
@@ -152,8 +199,15 @@ def _lower_winograd(node, importer):
     at, _, bt = (t.numpy().astype("float32") for t in winograd_matrices(m, r))
     ph, pw = (int(p) for p in padding)
     ho, wo = h + 2 * ph - r + 1, w + 2 * pw - r + 1
-    # (alpha, alpha, Cout, Cin) -> (alpha^2, Cin, Cout): weight-only, lifted to load time
-    u2 = bb.emit(relax.op.permute_dims(relax.op.reshape(u, (alpha * alpha, co, ci)), [0, 2, 1]))
+    # (alpha, alpha, Cout, Cin) -> (alpha^2, Cout / nb, Cin, nb): panels of nb output
+    # channels, each contiguous so the GEMM streams it; weight-only, lifted to load time.
+    tiles = n * -(-ho // m) * -(-wo // m)
+    if PACK_U:
+        nb = gemm_panel(tiles, co)
+        u2 = bb.emit(relax.op.permute_dims(
+            relax.op.reshape(u, (alpha * alpha, co // nb, nb, ci)), [0, 1, 3, 2]))
+    else:  # (alpha^2, Cin, Cout): blocks of columns read with a row stride of Cout
+        u2 = bb.emit(relax.op.permute_dims(relax.op.reshape(u, (alpha * alpha, co, ci)), [0, 2, 1]))
     # (the transform matrices are constants of the computes, not tensors: closures)
     v = bb.emit_te(lambda d: _winograd_input_te(d, bt, m, ph, pw), x,
                    primfunc_name_hint="winograd_input")
@@ -232,22 +286,33 @@ def _tile_of(sch, block) -> int:
 
 
 def _schedule_gemm(sch, block, lanes: int) -> None:
-    # rows (tiles) x two vectors of output channels in registers, the reduction over input
-    # channels outside them; parallel over (point, column blocks), row tiles inside, so a
-    # column block of the (large) transformed weight stays in L1 while every row uses it.
+    # rows (tiles) x up to 4 vectors of output channels in registers (16 accumulators at
+    # most), the reduction over input channels outside them; parallel over (point, column
+    # panel), row tiles inside, so a panel of the (large) transformed weight is streamed
+    # from memory once, in order when ``U`` is packed (:func:`gemm_panel`), and re-read
+    # from L1 by the other row tiles.
     e, i, j, k = sch.get_loops(block)
     rows, cols = cs._extent(sch, i), cs._extent(sch, j)
-    vec = lanes if cols % lanes == 0 else cs._largest_divisor(cols, lanes)
-    nv = 2 if (cols // vec) % 2 == 0 else 1
-    # up to 8 rows x 2 vectors = 16 accumulators (of 32 registers); a row count with no
-    # divisor in 4..8 (49 tiles of a 28x28 map) is split by 8 with a guard on the last tile,
-    # measured 1.6x faster than its 1-row tiles.
+    packed = [r.source.shape for r in sch.get(block).reads if len(r.source.shape) == 4]
+    if packed:  # U packed as (batch, cols / nb, K, nb)
+        nb = int(packed[0][3])
+    else:
+        nb = 2 * lanes if cols % (2 * lanes) == 0 else cols
+    vec = lanes if nb % lanes == 0 else cs._largest_divisor(nb, lanes)
+    # up to 8 rows; a row count with no divisor in 4..8 (49 tiles of a 28x28 map) is split
+    # by 8 with a guard on the last tile, measured 1.6x faster than its 1-row tiles.
     ri = cs._largest_divisor(rows, 8)
     if ri < 4:
         ri = min(rows, 8)
-    io, ii = sch.split(i, [None, ri])
+    max_nv = max(1, 16 // ri)
+    nv = nb // vec
     jo, jv, ji = sch.split(j, [None, nv, vec])
-    sch.reorder(e, jo, io, k, ii, jv, ji)
+    io, ii = sch.split(i, [None, ri])
+    if nv > max_nv:
+        jvo, jv = sch.split(jv, [None, cs._largest_divisor(nv, max_nv)])
+        sch.reorder(e, jo, jvo, io, k, ii, jv, ji)
+    else:
+        sch.reorder(e, jo, io, k, ii, jv, ji)
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, io)
     sch.parallel(sch.fuse(e, jo))
@@ -258,7 +323,78 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     sch.vectorize(sch.get_loops(acc)[-1])
 
 
+def _schedule_complex_gemm(sch, block, lanes: int) -> None:
+    # As the GEMM above, with the output's real/imaginary part ``t`` and the reduction's
+    # ``s`` unrolled inside: per input channel, one panel of Re W and Im W is loaded and
+    # feeds 4 FMAs per row and vector (rows x 2 x vectors accumulators, 16 at most).
+    e, i, jo, t, c, k, s = sch.get_loops(block)
+    rows, nb = cs._extent(sch, i), cs._extent(sch, c)
+    vec = lanes if nb % lanes == 0 else cs._largest_divisor(nb, lanes)
+    ri = cs._largest_divisor(rows, 8)
+    if ri < 4:
+        ri = min(rows, 8)
+    nv = nb // vec
+    max_nv = max(1, 8 // ri)
+    jv, ji = sch.split(c, [nv, vec])
+    io, ii = sch.split(i, [None, ri])
+    if nv > max_nv:
+        jvo, jv = sch.split(jv, [None, cs._largest_divisor(nv, max_nv)])
+        sch.reorder(e, jo, jvo, io, k, s, ii, t, jv, ji)
+    else:
+        sch.reorder(e, jo, io, k, s, ii, t, jv, ji)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, io)
+    sch.parallel(sch.fuse(e, jo))
+    sch.vectorize(ji)
+    for lp in (jv, t, ii, s):
+        sch.unroll(lp)
+    sch.decompose_reduction(block, k)
+    sch.vectorize(sch.get_loops(acc)[-1])
+
+
+def _schedule_fft_forward_y(sch, block, lanes: int) -> None:
+    # A transpose (tiles x channels x frequencies -> frequencies x tiles x channels): for each
+    # (tile, part, block of channels, row u), the H frequencies of a row are unrolled and
+    # the channels vectorized, so the 2 x vec rows of the DFT's output read are whole cache
+    # lines, reused across the row, and each store is a full vector.
+    for b in cs._blocks(sch):
+        if not sch.get(b).same_as(sch.get(block)):
+            sch.compute_inline(b)
+    q, t, r = sch.get_loops(block)
+    half = int(sch.get(block).reads[0].source.shape[-1]) // 2
+    ci = cs._extent(sch, r) // 2
+    vec = lanes if ci % lanes == 0 else cs._largest_divisor(ci, lanes)
+    u, v = sch.split(q, [None, half])
+    part, cb, cc = sch.split(r, [2, None, vec])
+    sch.reorder(t, part, cb, u, v, cc)
+    sch.parallel(sch.fuse(t, part, cb))
+    sch.unroll(v)
+    sch.vectorize(cc)
+
+
+def _schedule_fft_regroup(sch, block, lanes: int) -> None:
+    # The transpose back (frequencies x tiles x channels -> tiles x channels x frequencies),
+    # the reshape after it written directly: vectorized over a block of channels (each load
+    # a full vector of the product), the 2H frequencies of a row unrolled, so the scattered
+    # stores fill whole cache lines of the next DFT's input.
+    for b in cs._blocks(sch):
+        if not sch.get(b).same_as(sch.get(block)):
+            sch.reverse_compute_inline(b)
+    row, u, w = sch.get_loops(block)
+    rd = sch.get(block).reads[0].source.shape  # (N*H, P, Co / nb, 2, nb)
+    co = int(rd[2]) * int(rd[4])
+    vec = lanes if co % lanes == 0 else cs._largest_divisor(co, lanes)
+    rb, cc = sch.split(row, [None, vec])
+    sch.reorder(rb, u, w, cc)
+    sch.parallel(rb)
+    sch.unroll(w)
+    sch.vectorize(cc)
+
+
 cs.ANCHOR_SCHEDULES[INPUT_BLOCK] = ("winograd_input", _schedule_input)
+cs.ANCHOR_SCHEDULES[FFT_FORWARD_BLOCK] = ("fft_forward_y", _schedule_fft_forward_y)
+cs.ANCHOR_SCHEDULES[FFT_REGROUP_BLOCK] = ("fft_regroup", _schedule_fft_regroup)
+cs.ANCHOR_SCHEDULES[FFT_CGEMM_BLOCK] = ("fft_complex_gemm", _schedule_complex_gemm)
 cs.ANCHOR_SCHEDULES[GEMM_BLOCK] = ("winograd_gemm", _schedule_gemm)
 cs.ANCHOR_SCHEDULES[FFT_GEMM_BLOCK] = ("fft_gemm", _schedule_gemm)
 cs.ANCHOR_SCHEDULES[OUTPUT_BLOCK] = ("winograd_output", _schedule_output)
@@ -327,47 +463,62 @@ def _fft_untile_te(z, bias, n: int, ho: int, wo: int):
     return te.compute((n, co, ho, wo), f, name="fft_untile")
 
 
-def _fft_spectrum_te(w_hat):
-    """``(2, N, H, Ci, Co)`` -> ``(N*H, 2Ci, 2Co)``: ``[[Re W, Im W], [-Im W, Re W]]``."""
+def _fft_complex_gemm_te(v, w):
+    """The spectral product, summed over input channels, per frequency ``q``:
+    ``v`` ``(Q, P, 2Ci)`` ``[Re V | Im V]`` times the packed spectrum ``w``
+    ``(Q, Co / nb, Ci, 2, nb)`` (panels of ``nb`` output channels, ``Re W`` then ``Im W``
+    per input channel) -> ``(Q, P, Co / nb, 2, nb)`` (``Re M`` then ``Im M`` per panel) with
+    ``Re M = Re V Re W - Im V Im W``, ``Im M = Re V Im W + Im V Re W``.
+
+    The same MACs as a real GEMM by ``[[Re W, Im W], [-Im W, Re W]]``, but each complex
+    weight is 2 reals, not 4: half the bytes of the stored spectrum, which is what small
+    maps with many channels wait for.  The reduction over the real/imaginary part ``s``
+    and the output's part ``t`` are unrolled by the schedule, so the selects fold.
+    """
     from tvm import te, tirx
 
-    _, size, half, ci, co = _ints(w_hat.shape)
+    q, p, ci2 = _ints(v.shape)
+    _, panels, ci, _, nb = _ints(w.shape)
+    rk = te.reduce_axis((0, ci), name="k")
+    rs = te.reduce_axis((0, 2), name="s")
 
-    def f(q, r, c):
-        u, v = q // half, q % half
-        s, t = r // ci, c // co
-        re = w_hat[0, u, v, r % ci, c % co]
-        im = w_hat[1, u, v, r % ci, c % co]
-        return tirx.Select(s == t, re, tirx.Select(s == 0, im, -im))
+    def f(e, i, jo, t, c):
+        re, im = w[e, jo, rk, 0, c], w[e, jo, rk, 1, c]
+        coef = tirx.Select(rs == t, re, tirx.Select(rs == 0, im, -im))
+        return te.sum(v[e, i, rs * ci + rk] * coef, axis=[rk, rs])
 
-    return te.compute((size * half, 2 * ci, 2 * co), f, name="fft_spectrum")
+    return te.compute((q, p, panels, 2, nb), f, name=FFT_CGEMM_BLOCK)
 
 
-def _fft_forward_y_te(ca, size: int, half: int):
-    """``[[C A], [S A]]`` ``(P, Ci, 2N, 2H)`` -> spectrum ``(N*H, P, 2Ci)``: ``[Re | Im]``
+def _fft_forward_y_te(ca, ci: int, size: int, half: int):
+    """``[[C A], [S A]]`` ``(P Ci, 2N, 2H)`` -> spectrum ``(N*H, P, 2Ci)``: ``[Re | Im]``
     with ``Re = C Ar + S Ai``, ``Im = C Ai - S Ar``."""
     from tvm import te, tirx
 
-    p, ci = _ints(ca.shape)[:2]
+    p = int(ca.shape[0]) // ci
 
     def f(q, t, r):
-        u, v, c = q // half, q % half, r % ci
-        re = ca[t, c, u, v] + ca[t, c, size + u, half + v]
-        im = ca[t, c, u, half + v] - ca[t, c, size + u, v]
+        u, v, row = q // half, q % half, t * ci + r % ci
+        re = ca[row, u, v] + ca[row, size + u, half + v]
+        im = ca[row, u, half + v] - ca[row, size + u, v]
         return tirx.Select(r < ci, re, im)
 
-    return te.compute((size * half, p, 2 * ci), f, name="fft_forward_y")
+    return te.compute((size * half, p, 2 * ci), f, name=FFT_FORWARD_BLOCK)
 
 
 def _fft_regroup_te(mm, size: int, half: int):
-    """GEMM result ``(N*H, P, 2Co)`` -> ``(P, Co, N, 2H)`` (rows ``u``: ``[Mr | Mi]``)."""
+    """Spectral product ``(N*H, P, Co / nb, 2, nb)`` -> ``(P Co, N, 2H)`` (rows ``u``:
+    ``[Mr | Mi]``)."""
     from tvm import te
 
-    _, p, co2 = _ints(mm.shape)
-    co = co2 // 2
-    return te.compute((p, co, size, 2 * half),
-                      lambda t, c, u, w: mm[u * half + w % half, t, (w // half) * co + c],
-                      name="fft_regroup")
+    _, p, panels, _, nb = _ints(mm.shape)
+    co = panels * nb
+
+    def f(row, u, w):
+        t, c = row // co, row % co
+        return mm[u * half + w % half, t, c // nb, w // half, c % nb]
+
+    return te.compute((p * co, size, 2 * half), f, name=FFT_REGROUP_BLOCK)
 
 
 def _fft_inverse_y_te(z, tile: int, half: int):
@@ -410,17 +561,22 @@ def _lower_fft(node, importer):
         b = bb.emit(op.reshape(b, shape_b)) if shape_b else b
         return bb.emit_te(_batch_gemm_te, a, b, FFT_GEMM_BLOCK, primfunc_name_hint="fft_matmul")
 
-    wbig = bb.emit_te(_fft_spectrum_te, w_hat, primfunc_name_hint="fft_spectrum")  # lifted
+    # (2, N, H, Ci, Co) -> (N*H, Co / nb, Ci, 2, nb): weight-only, lifted to load time
+    nb = gemm_panel(ntiles, co)  # half its panel: a column is a (Re, Im) pair of vectors
+    nb = nb // 2 if nb % 32 == 0 else nb
+    w_pack = bb.emit(op.permute_dims(op.reshape(w_hat, (2, size * half, ci, co // nb, nb)),
+                                     [1, 3, 2, 0, 4]))
     d = bb.emit_te(lambda a: _fft_tiles_te(a, size, t, ph, pw, ho, wo), x,
                    primfunc_name_hint="fft_tiles")  # P, Ci, N, N
     rows = ntiles * ci
     a = gemm(d, mats["rx"], (1, rows * size, size), None)  # (P Ci N(y)), 2H: [Ar | Ai]
     ca = gemm(mats["ly"], a, None, (rows, size, 2 * half))  # P Ci, 2N: [C A; S A], 2H
-    ca = bb.emit(op.reshape(ca, (ntiles, ci, 2 * size, 2 * half)))
-    v = bb.emit_te(lambda c: _fft_forward_y_te(c, size, half), ca, primfunc_name_hint="fft_forward_y")
-    mm = gemm(v, wbig, None, None)  # N*H, P, 2Co: [Mr | Mi]
+    v = bb.emit_te(lambda c: _fft_forward_y_te(c, ci, size, half), ca,
+                   primfunc_name_hint="fft_forward_y")
+    # N*H, P, Co / nb, 2, nb: [Mr | Mi] per panel
+    mm = bb.emit_te(_fft_complex_gemm_te, v, w_pack, primfunc_name_hint="fft_cmatmul")
     mm = bb.emit_te(lambda m: _fft_regroup_te(m, size, half), mm, primfunc_name_hint="fft_regroup")
-    z = gemm(mats["liy"], mm, None, (ntiles * co, size, 2 * half))  # P Co, 2T: [C M; S M], 2H
+    z = gemm(mats["liy"], mm, None, None)  # P Co, 2T: [C M; S M], 2H
     z = bb.emit(op.reshape(z, (ntiles, co, 2 * t, 2 * half)))
     zz = bb.emit_te(lambda m: _fft_inverse_y_te(m, t, half), z, primfunc_name_hint="fft_inverse_y")
     out = gemm(zz, mats["irx"], (1, ntiles * co * t, 2 * half), None)  # (P Co T), T

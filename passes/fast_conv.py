@@ -172,7 +172,8 @@ def fft_tile(kernel: int, out_h: int, out_w: int, cin: int = 64, cout: int = 64)
     ``N = tile + kernel - 1`` is one of :data:`FFT_SIZES`; the cost per layer is the
     spectral product (4 real MACs per complex bin and channel pair) plus the transforms
     of each input and output channel (weighted 4x: they are bound by memory, not MACs),
-    plus reading the stored spectrum once (it grows with ``N^2``).
+    plus reading the stored spectrum once (it grows with ``N^2``; 8 bytes per complex
+    weight, stored as a ``(Re, Im)`` pair).
 
     >>> fft_tile(5, 56, 56), fft_tile(11, 56, 56), fft_tile(3, 7, 7)
     (10, 20, 4)
@@ -185,7 +186,7 @@ def fft_tile(kernel: int, out_h: int, out_w: int, cin: int = 64, cout: int = 64)
         tiles = math.ceil(out_h / t) * math.ceil(out_w / t)
         half = size // 2 + 1
         cost = (tiles * (4 * size * half * cin * cout + 4 * 3 * size ** 3 * (cin + cout))
-                + 16 * size * half * cin * cout)  # the spectrum is read once per call
+                + 8 * size * half * cin * cout)  # the spectrum is read once per call
         if cost < best_cost:
             best, best_cost = t, cost
     if best is None:
@@ -534,7 +535,7 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     transform, transform-domain GEMM, output transform) at the stage's efficiency in
     :data:`MODEL`, plus the bytes moved by the transform stages and of the (transformed)
     weights at the bandwidth in :data:`MODEL`, plus a fixed overhead per kernel launched.
-    Transformed weights are larger than the direct ones (F(4,3): 4x, FFT: ``16 N (N/2+1) / k^2``),
+    Transformed weights are larger than the direct ones (F(4,3): 4x, FFT: ``2 N (N/2+1) / k^2``),
     which decides small feature maps with many channels.
 
     >>> p = ConvParams(64, 64, 3, (1, 1), (1, 64, 56, 56), (1, 64, 56, 56))
@@ -565,7 +566,7 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
         per_tile_in = per_tile_out = 3 * size ** 3
         tiles = n * -(-ho // t) * -(-wo // t)
         gemm = 2 * tiles * size * half * 4 * ci * co
-        weights = 4 * size * half * 4 * ci * co  # [[Re, Im], [-Im, Re]] per frequency
+        weights = 4 * size * half * 2 * ci * co  # (Re, Im) pairs per frequency
     else:
         raise ValueError(f"unknown algorithm {algo!r}: direct, {', '.join(ALGOS)}")
     transform = 2 * tiles * (ci * per_tile_in + co * per_tile_out)

@@ -270,7 +270,8 @@ def test_compiled_fast_convs_match_direct(compiled_net):
     assert graph["outputs"] == ["f32[1,8,11,11]"]
     kernels = cm.manifest["build"]["kernels"]
     assert kernels["winograd_input"] == 3 and kernels["winograd_output"] == 3
-    assert kernels["winograd_gemm"] == 3 and kernels["fft_gemm"] >= 5
+    assert kernels["winograd_gemm"] == 3 and kernels["fft_gemm"] >= 4  # the 4 matrix DFTs
+    assert kernels["fft_complex_gemm"] == 1  # the spectral product, on (Re, Im) pairs
     assert kernels["conv"] == 2  # stem and 1x1 stay direct (blocked)
     for seed in (1, 2):
         y = torch.randn_like(x, generator=torch.Generator().manual_seed(seed))
@@ -292,6 +293,43 @@ def test_each_compiled_op_alone_matches_direct_in_nchw(algo):
     y = torch.randn_like(x)
     with torch.no_grad():
         assert _rel(cm(y), conv(y)) <= tol
+
+
+@pytest.mark.parametrize("algo,cin,cout,size,k", [
+    ("winograd4", 16, 64, 7, 3),   # 4 tiles: 64-channel panels of packed U, 4 rows
+    ("winograd4", 8, 48, 10, 3),   # 9 tiles (8 + a guarded 1), 16-channel panels
+    ("fft", 8, 64, 6, 5),          # 9 tiles of N=6: (Re, Im) panels of 16 channels
+])
+def test_compiled_small_maps_use_packed_panels_and_match_direct(algo, cin, cout, size, k):
+    # deep-and-small layers: few tiles, so the GEMM streams panels of the packed weights
+    from slimfx.lowering import fast_conv as lf
+
+    torch.manual_seed(4)
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2).eval()
+    x = torch.randn(1, cin, size, size)
+    tol = fc.WINOGRAD_TOLERANCE[4] if algo != "fft" else fc.FFT_TOLERANCE
+    cm = slimfx.compile(conv, x, pipeline=fc._pipeline_of(algo), atol=tol)
+    kernels = cm.manifest["build"]["kernels"]
+    assert kernels.get("winograd_gemm" if algo != "fft" else "fft_complex_gemm") == 1
+    y = torch.randn_like(x)
+    with torch.no_grad():
+        assert _rel(cm(y), conv(y)) <= tol
+    assert lf.gemm_panel(4, 64) == 64 and lf.gemm_panel(9, 48) == 16
+
+
+def test_unpacked_weight_layout_still_compiles_and_matches(monkeypatch):
+    # PACK_U=False (U as (alpha^2, Cin, Cout), the A/B baseline of bench/fast_conv.py)
+    from slimfx.lowering import fast_conv as lf
+
+    monkeypatch.setattr(lf, "PACK_U", False)
+    torch.manual_seed(5)
+    conv = nn.Conv2d(16, 32, 3, padding=1).eval()
+    x = torch.randn(1, 16, 7, 7)
+    cm = slimfx.compile(conv, x, pipeline="winograd{tile=4}", atol=fc.WINOGRAD_TOLERANCE[4])
+    assert cm.manifest["build"]["kernels"].get("winograd_gemm") == 1
+    y = torch.randn_like(x)
+    with torch.no_grad():
+        assert _rel(cm(y), conv(y)) <= fc.WINOGRAD_TOLERANCE[4]
 
 
 def test_select_by_measure_records_times_and_applies_faster_choices():
