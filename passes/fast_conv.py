@@ -200,6 +200,18 @@ def _out_size(size: int, pad: int, kernel: int) -> int:
     return size + 2 * pad - kernel + 1
 
 
+def _input_tiles(x: torch.Tensor, padding: list[int], kernel: int, tile: int, size: int):
+    """Overlapping ``size`` x ``size`` input windows, ``tile`` apart, covering the output
+    of a stride-1 ``kernel`` convolution (padded up to whole tiles): (windows
+    ``(n, ci, th, tw, size, size)``, (ho, wo), (th, tw))."""
+    h, w = x.shape[2:]
+    ph, pw = padding
+    ho, wo = _out_size(h, ph, kernel), _out_size(w, pw, kernel)
+    th, tw = -(-ho // tile), -(-wo // tile)
+    xp = F.pad(x, (pw, pw + tw * tile - wo, ph, ph + th * tile - ho))
+    return xp.unfold(2, size, tile).unfold(3, size, tile), (ho, wo), (th, tw)
+
+
 @torch.library.custom_op("slimfx::winograd_conv2d", mutates_args=())
 def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
                     padding: list[int], tile: int) -> torch.Tensor:
@@ -209,13 +221,8 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     """
     at, _, bt = (m.to(x.dtype) for m in winograd_matrices(tile, u.shape[0] - tile + 1))
     alpha, m = u.shape[0], tile
-    r = alpha - m + 1
-    n, _, h, w = x.shape
-    ph, pw = padding
-    ho, wo = _out_size(h, ph, r), _out_size(w, pw, r)
-    th, tw = -(-ho // m), -(-wo // m)
-    xp = F.pad(x, (pw, pw + tw * m - wo, ph, ph + th * m - ho))
-    d = xp.unfold(2, alpha, m).unfold(3, alpha, m)  # n, ci, th, tw, alpha, alpha
+    n = x.shape[0]
+    d, (ho, wo), (th, tw) = _input_tiles(x, padding, alpha - m + 1, m, alpha)  # alpha x alpha
     v = torch.einsum("ai,ncyxij,bj->abncyx", bt, d, bt)
     mm = torch.einsum("aboc,abncyx->abnoyx", u, v)
     y = torch.einsum("ia,abnoyx,jb->noyixj", at, mm, at)
@@ -240,12 +247,8 @@ def fft_conv2d(x: torch.Tensor, w_hat: torch.Tensor, bias: torch.Tensor | None,
     ``w_hat`` is the filter spectrum ``(2, N, N/2+1, Cin, Cout)`` (:func:`fft_spectrum`).
     """
     size = w_hat.shape[1]
-    n, _, h, w = x.shape
-    ph, pw = padding
-    ho, wo = _out_size(h, ph, kernel), _out_size(w, pw, kernel)
-    th, tw = -(-ho // tile), -(-wo // tile)
-    xp = F.pad(x, (pw, pw + tw * tile - wo, ph, ph + th * tile - ho))
-    d = xp.unfold(2, size, tile).unfold(3, size, tile)  # n, ci, th, tw, N, N
+    n = x.shape[0]
+    d, (ho, wo), (th, tw) = _input_tiles(x, padding, kernel, tile, size)  # N x N windows
     spec = torch.fft.rfft2(d)
     w_c = torch.complex(w_hat[0], w_hat[1])
     prod = torch.einsum("ncyxuv,uvco->noyxuv", spec, w_c)
