@@ -389,9 +389,9 @@ def _fill(plan: _Plan, flat: list, metric: Callable[[set[int]], float], limit: f
     """A removal closer to the budget than ``first``, the first prefix of the global order
     that meets it.
 
-    With ``round_to`` a group loses channels in quanta: halving a 16-wide residual trunk
-    at ``round_to=8`` removes a fifth of a small ResNet's MACs at once, and the plain
-    prefix overshoots the budget (a 0.71x target landing at 0.53x).  This walks the same
+    With ``round_to`` a group loses channels in quanta (a 16-wide group at ``round_to=8``
+    can only halve), and the plain prefix overshoots the budget by whole quanta
+    (``tests/test_prune.py``: resnet18(width=16) asked for 0.4x lands below 0.3x).  This walks the same
     lowest-score-first order, but when a quantum would cross the budget it records that
     removal, leaves the group at its width and goes on with the other groups; the
     candidate that meets the budget with the most MACs (parameters) left wins.
