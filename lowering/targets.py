@@ -29,18 +29,34 @@ from typing import Any
 
 from slimfx.errors import SlimfxError
 
-__all__ = ["TargetInfo", "PRESETS", "host_target", "resolve_target", "LoweringError"]
+__all__ = ["TargetInfo", "PRESETS", "host_target", "resolve_target", "physical_cores",
+           "LoweringError"]
 
 
 class LoweringError(SlimfxError):
     """A graph, target or op cannot be lowered or built."""
 
 
-def _cores() -> int:
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads counted once).
+
+    Read from Linux's CPU topology; where it cannot be read, every logical CPU counts.
+    (TVM's own default assumes every x86 core has two hyper-threads and halves the logical
+    count: one thread on a 2-vCPU cloud machine whose vCPUs are separate cores.)
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+    cores = set()
+    for c in cpus:
+        try:
+            top = f"/sys/devices/system/cpu/cpu{c}/topology"
+            with open(f"{top}/physical_package_id") as f1, open(f"{top}/core_id") as f2:
+                cores.add((f1.read().strip(), f2.read().strip()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -143,7 +159,8 @@ def host_target() -> TargetInfo:
         # LLVM does not know this CPU by name: fall back on the features the kernel reports.
         flags = _x86_cpu_flags()
         cpu = "skylake-avx512" if "avx512f" in flags else "haswell" if "avx2" in flags else "generic"
-    return TargetInfo("host", {"kind": "llvm", "mtriple": triple, "mcpu": cpu, "num-cores": _cores()})
+    return TargetInfo("host", {"kind": "llvm", "mtriple": triple, "mcpu": cpu,
+                               "num-cores": physical_cores()})
 
 
 def resolve_target(target: str | dict | Any = "host") -> TargetInfo:
@@ -160,7 +177,7 @@ def resolve_target(target: str | dict | Any = "host") -> TargetInfo:
         if config["kind"] == "cuda":
             config["host"] = dict(host_target().config)
         else:
-            config.setdefault("num-cores", _cores())
+            config.setdefault("num-cores", physical_cores())
         return TargetInfo(target, config)
     if isinstance(target, dict):
         config = dict(target)
@@ -172,7 +189,7 @@ def resolve_target(target: str | dict | Any = "host") -> TargetInfo:
     if "kind" not in config:
         raise LoweringError(f"target dict needs a 'kind' (e.g. 'llvm'): {config}")
     if config["kind"] == "llvm":
-        config.setdefault("num-cores", _cores())
+        config.setdefault("num-cores", physical_cores())
     try:
         import tvm
 

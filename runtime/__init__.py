@@ -2,6 +2,7 @@
 
 from .artifact import load, read_manifest, save
 from .model import ArtifactError, CompiledModel, InputError, IOSpec, Latency
+from .threads import num_threads, set_num_threads
 
 __all__ = ["CompiledModel", "IOSpec", "Latency", "InputError", "ArtifactError", "load", "save",
-           "read_manifest"]
+           "read_manifest", "num_threads", "set_num_threads"]

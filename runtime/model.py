@@ -125,6 +125,10 @@ class CompiledModel:
                 "(slimfx.runtime.load(path, remote=slimfx.runtime.rpc.connect(host, port)))")
         dev = self._device if self._device is not None else \
             resolve_target(self.target).local_device()
+        if dev.dlpack_device_type() == 1:  # kDLCPU: all physical cores unless the user says
+            from .threads import ensure_default
+
+            ensure_default()
         self._vm = relax.VirtualMachine(self._executable, dev)
         self._device_params = [tvm.runtime.tensor(p, device=dev) for p in self._params]
         self._dev = dev

@@ -1,7 +1,8 @@
-"""Runtime: run, benchmark, save/load (also in a new process), aarch64 artifacts, RPC on
-loopback, and errors for bad artifacts and bad inputs."""
+"""Runtime: run, benchmark, save/load (also in a new process), CPU thread count, aarch64
+artifacts, RPC on loopback, and errors for bad artifacts and bad inputs."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from conftest import ConvBnRelu, randomize_bn
 
 import slimfx
-from slimfx.runtime import ArtifactError, InputError, load, rpc
+from slimfx.runtime import ArtifactError, InputError, load, rpc, set_num_threads
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +59,43 @@ def test_artifact_layout_and_manifest(artifact, compiled):
     assert not any("running_mean" in p for p in m["params"])  # fold-bn ran before lowering
 
 
+def _no_thread_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+
+
 def test_save_load_round_trip_in_a_new_process(artifact, model, tmp_path):
     x = torch.randn(1, 3, 8, 8)
     np.save(tmp_path / "x.npy", x.numpy())
     code = (
         "import sys, numpy as np, slimfx.runtime as rt\n"
+        "from slimfx.lowering.targets import physical_cores\n"
         f"m = rt.load({str(artifact)!r})\n"
         f"np.save({str(tmp_path / 'y.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r})))\n"
-        "assert 'conftest' not in sys.modules  # the model's class was never needed\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        "assert 'conftest' not in sys.modules  # the model's class was never needed\n"
+        # every physical core (TVM alone would use half the logical CPUs on x86)
+        "assert rt.num_threads() == physical_cores(), (rt.num_threads(), physical_cores())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=_no_thread_env())
     assert r.returncode == 0, r.stderr[-2000:]
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), model(x),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_user_thread_count_wins(artifact, tmp_path):
+    code = (
+        "import numpy as np, slimfx.runtime as rt\n"
+        f"m = rt.load({str(artifact)!r})\n"
+        "m(np.zeros((1, 3, 8, 8), 'float32'))\n"
+        "assert rt.num_threads() == 1, rt.num_threads()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**_no_thread_env(), "TVM_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+def test_set_num_threads_rejects(n):
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        set_num_threads(n)
 
 
 def test_loaded_model_saves_again(artifact, tmp_path):
