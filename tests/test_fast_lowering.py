@@ -218,3 +218,16 @@ def test_tuning_option_errors():
         tuning.TuneOptions(trials=8)
     with pytest.raises(slimfx.SlimfxError, match="must be >= 0"):
         tuning.TuneOptions(trials=-1, records="x")
+
+
+@pytest.mark.parametrize("ow, occ, lanes, tile", [
+    (56, 4, 16, (7, 2)),    # two channel vectors per broadcast input: 1x1 convs 1.1-1.5x
+    (14, 16, 16, (7, 2)),
+    (8, 2, 16, (4, 2)),
+    (3, 8, 16, (3, 2)),     # short rows keep the two vectors
+    (14, 3, 16, (14, 1)),   # odd channel chunks: one vector, a longer row
+    (13, 4, 16, (13, 1)),   # no divisor >= 4 fits two vectors: the whole row, one vector
+    (56, 4, 8, (4, 2)),     # AVX2: 8 accumulators
+])
+def test_conv_register_tile(ow, occ, lanes, tile):
+    assert cs._conv_tile(ow, occ, lanes) == tile

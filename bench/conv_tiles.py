@@ -1,0 +1,137 @@
+"""Register tiles of the hand-scheduled blocked convolution: which shape is fastest.
+
+The CPU conv schedule (``slimfx.lowering.cpu_schedules``) accumulates a tile of
+``pixels x vectors`` output-channel vectors in registers.  This compares tile shapes on
+ResNet-50's convolution layers (batch 1, host target, no tuning), timing only the
+convolution kernel (TVM's VM instrument around each call, so the layout transforms at
+the ends of a one-layer model are not counted), in alternating rounds; and, with
+``--models``, whole zoo models built with the default tile and with the 14 x 1 row tile.
+
+Columns: GFLOP/s of the convolution per tile shape ``(pixels, vectors)``; ``default`` is
+what ``_conv_tile`` chooses.  Each shape is capped by the row's divisors (``(7, 2)`` on a
+14-wide map is 7 x 2, on a 12-wide one 6 x 2).
+
+    python bench/conv_tiles.py [--rounds 3] [--tiles 14x1,7x2,4x4] [--models resnet50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+import torch  # noqa: E402
+
+import slimfx  # noqa: E402
+from slimfx import zoo  # noqa: E402
+from slimfx.ir.printing import format_table  # noqa: E402
+from slimfx.lowering import cpu_schedules  # noqa: E402
+from slimfx.lowering.targets import host_target  # noqa: E402
+
+#: (in channels, out channels, feature map side, kernel): ResNet-50's layer shapes.
+LAYERS = [(64, 256, 56, 1), (256, 64, 56, 1), (512, 128, 28, 1), (1024, 256, 14, 1),
+          (256, 1024, 14, 1), (2048, 512, 7, 1), (64, 64, 56, 3), (128, 128, 28, 3),
+          (256, 256, 14, 3), (512, 512, 7, 3)]
+
+_DEFAULT_TILE = cpu_schedules._conv_tile
+
+
+def _tile_fn(shape: tuple[int, int] | None):
+    if shape is None:
+        return _DEFAULT_TILE
+    px, vecs = shape
+
+    def tile(ow: int, occ: int, lanes: int) -> tuple[int, int]:
+        return (cpu_schedules._largest_divisor(ow, px),
+                cpu_schedules._largest_divisor(occ, vecs))
+
+    return tile
+
+
+def _build(graph, shape):
+    cpu_schedules._conv_tile = _tile_fn(shape)
+    try:
+        return slimfx.compile(graph, target="host", pipeline="fold-bn,dce")
+    finally:
+        cpu_schedules._conv_tile = _DEFAULT_TILE
+
+
+def _conv_seconds(compiled, x, calls: int = 15) -> float:
+    """Median seconds of the model's convolution kernel calls."""
+    compiled(x)
+    vm = compiled._ensure_vm()
+    times: list[float] = []
+    start = [0.0]
+
+    def instrument(func, symbol, before, ret, *args) -> int:
+        if "conv2d" in symbol:
+            if before:
+                start[0] = time.perf_counter()
+            else:
+                times.append(time.perf_counter() - start[0])
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(calls):
+            compiled(x)
+    finally:
+        vm.set_instrument(lambda *a: 0)
+    return statistics.median(times)
+
+
+def _shape_name(shape) -> str:
+    return "default" if shape is None else f"{shape[0]}x{shape[1]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tiles", default="14x1,7x2,4x4,12x2",
+                    help="tile shapes compared with the default, PIXELSxVECTORS")
+    ap.add_argument("--models", default="", help="zoo models timed whole: default vs 14x1")
+    args = ap.parse_args()
+    shapes = [None] + [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",") if t]
+    torch.manual_seed(0)
+    rows = []
+    for cin, cout, side, k in LAYERS:
+        m = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, padding=k // 2),
+                                torch.nn.ReLU()).eval()
+        x = torch.randn(1, cin, side, side)
+        g = slimfx.capture(m, x)
+        built = {s: _build(g, s) for s in shapes}
+        secs: dict = {s: [] for s in shapes}
+        for _ in range(args.rounds):
+            for s, cm in built.items():
+                secs[s].append(_conv_seconds(cm, x))
+        gflop = 2 * cin * cout * k * k * side * side / 1e9
+        rows.append([f"{cin}->{cout} {side}x{side} k{k}",
+                     *(f"{gflop / statistics.median(secs[s]):.0f}" for s in shapes)])
+        print(" ".join(rows[-1]), flush=True)
+    t = host_target()
+    print(f"\nhost {t.config['mcpu']}, {t.num_cores} cores; convolution kernel GFLOP/s, "
+          f"medians of {args.rounds} alternating rounds x 15 calls")
+    print(format_table(["layer", *map(_shape_name, shapes)], rows))
+
+    if args.models:
+        mrows = []
+        for name in args.models.split(","):
+            model = getattr(zoo, name)().eval()
+            x = torch.randn(1, 3, 224, 224)
+            g = slimfx.capture(model, x)
+            built = {s: _build(g, s) for s in (None, (14, 1))}
+            ms: dict = {s: [] for s in built}
+            for _ in range(args.rounds):
+                for s, cm in built.items():
+                    ms[s].append(cm.benchmark(x, repeat=10).median_ms)
+            d, r = statistics.median(ms[None]), statistics.median(ms[(14, 1)])
+            mrows.append([name, f"{r:.2f}", f"{d:.2f}", f"{r / d:.2f}x"])
+        print(f"\nwhole models, 1x3x224x224, ms (medians of {args.rounds} rounds x 10 runs)")
+        print(format_table(["model", "14x1", "default", "speedup"], mrows))
+
+
+if __name__ == "__main__":
+    main()
