@@ -2,10 +2,14 @@
 
 Per model (batch 1, plus one batch-8 row): median latency of PyTorch eager,
 torch.compile, ONNX Runtime (``pip install -e ".[bench]"``), slimfx untuned (hand
-schedules) and slimfx tuned (MetaSchedule with ``--trials`` per model, records in
+schedules), slimfx with fast convolutions (``select-conv-algo{by=model}`` in the
+pipeline: Winograd / FFT where the cost model says they beat direct convolution; no
+tuning), and slimfx tuned (MetaSchedule with ``--trials`` per model, records in
 ``--records``, reused by later runs), all timed in one process in alternating rounds so
-they see the same machine load; then slimfx-tuned / ONNX Runtime, and each compiled
-model's GFLOP/s as a fraction of this machine's large-GEMM GFLOP/s (torch matmul).
+they see the same machine load; then the best slimfx / ONNX Runtime, and that model's
+GFLOP/s (direct-convolution FLOPs) as a fraction of this machine's large-GEMM GFLOP/s
+(torch matmul).  Compiled models use every physical core (``slimfx.runtime``), as do
+PyTorch and ONNX Runtime here.
 
     python bench/latency.py                                  # every model, no tuning
     python bench/latency.py --models resnet18,small_resnet --trials 256 --records tuning/
@@ -104,6 +108,13 @@ def bench_model(name: str, batch: int, args) -> tuple[list[str], list[str]]:
     log.append(f"untuned build {time.perf_counter() - t0:.1f} s")
     xn = x.numpy()
     runners["slimfx"] = lambda: [untuned.benchmark(xn, repeat=args.runs, warmup=0).median_ms]
+    if not args.no_fast_conv:
+        t0 = time.perf_counter()
+        fast = slimfx.compile(model, x, pipeline="fold-bn,select-conv-algo{by=model},dce",
+                              verbose=False)
+        log.append(f"fast-conv build {time.perf_counter() - t0:.1f} s")
+        runners["slimfx fast-conv"] = lambda: [fast.benchmark(xn, repeat=args.runs,
+                                                              warmup=0).median_ms]
     tuned = None
     if args.trials > 0 or args.records:
         t0 = time.perf_counter()
@@ -122,7 +133,7 @@ def bench_model(name: str, batch: int, args) -> tuple[list[str], list[str]]:
         for k, run in runners.items():
             samples[k] += run()
     med = {k: statistics.median(v) for k, v in samples.items()}
-    best = med.get("slimfx tuned", med["slimfx"])
+    best = min(med[k] for k in ("slimfx", "slimfx fast-conv", "slimfx tuned") if k in med)
     flops = 2 * untuned.manifest["graph"]["macs"]
     gflops = flops / best / 1e6
 
@@ -131,7 +142,8 @@ def bench_model(name: str, batch: int, args) -> tuple[list[str], list[str]]:
 
     ratio = f"{best / med['onnxruntime']:.2f}x" if "onnxruntime" in med else "-"
     row = [name, f"{batch}x3x{size}x{size}", f"{flops / 1e9:.2f}", cell("eager"),
-           cell("torch.compile"), cell("onnxruntime"), cell("slimfx"), cell("slimfx tuned"),
+           cell("torch.compile"), cell("onnxruntime"), cell("slimfx"),
+           cell("slimfx fast-conv"), cell("slimfx tuned"),
            ratio, f"{gflops:.1f}", f"{gflops / args.gemm:.0%}"]
     return row, log
 
@@ -149,6 +161,8 @@ def main() -> None:
                     help="model for the batch-8 row ('' for none)")
     ap.add_argument("--no-batch8", action="store_true", help="no batch-8 row")
     ap.add_argument("--no-torch-compile", action="store_true")
+    ap.add_argument("--no-fast-conv", action="store_true",
+                    help="no column with select-conv-algo in the pipeline")
     ap.add_argument("--verbose", action="store_true", help="show tuning progress")
     args = ap.parse_args()
     if args.trials > 0 and not args.records:
@@ -164,7 +178,7 @@ def main() -> None:
         try:
             row, log = bench_model(name, batch, args)
         except Exception as e:  # noqa: BLE001  (one model failing must not lose the table)
-            row, log = [name, f"batch {batch}", "-", *["-"] * 8], [f"FAILED: {e}"[:300]]
+            row, log = [name, f"batch {batch}", "-", *["-"] * 9], [f"FAILED: {e}"[:300]]
         rows.append(row)
         print(f"... {name} batch {batch}: " + "; ".join(log), flush=True)
     t = host_target()
@@ -173,8 +187,8 @@ def main() -> None:
           f"rounds x {args.runs} runs; tuning budget {args.trials} trials/model"
           + (f", records {args.records}" if args.records else ""))
     print(format_table(["model", "input", "GFLOP", "eager", "torch.compile", "ORT",
-                        "slimfx", "slimfx tuned", "best/ORT", "GFLOP/s", "of GEMM"],
-                       rows, right=set(range(2, 11))))
+                        "slimfx", "slimfx fast-conv", "slimfx tuned", "best/ORT", "GFLOP/s",
+                        "of GEMM"], rows, right=set(range(2, 12))))
     np.set_printoptions()
 
 
