@@ -4,11 +4,12 @@ Per model (batch 1, plus one batch-8 row): median latency of PyTorch eager,
 torch.compile, ONNX Runtime (``pip install -e ".[bench]"``), slimfx untuned (hand
 schedules), slimfx with fast convolutions (``select-conv-algo{by=model}`` in the
 pipeline: Winograd / FFT where the cost model says they beat direct convolution; no
-tuning), and slimfx tuned (MetaSchedule with ``--trials`` per model, records in
-``--records``, reused by later runs), all timed in one process in alternating rounds so
-they see the same machine load; then the best slimfx / ONNX Runtime, and that model's
-GFLOP/s (direct-convolution FLOPs) as a fraction of this machine's large-GEMM GFLOP/s
-(torch matmul).  Compiled models use every physical core (``slimfx.runtime``), as do
+tuning), and slimfx tuned (that same build, its direct convolutions and matmuls tuned
+by MetaSchedule with ``--trials`` per model, records in ``--records``, reused by later
+runs; plain ``fold-bn,dce`` with ``--no-fast-conv``), all timed in one process in
+alternating rounds so they see the same machine load; then the best slimfx / ONNX
+Runtime, and that model's GFLOP/s (direct-convolution FLOPs) as a fraction of this
+machine's large-GEMM GFLOP/s (torch matmul).  Compiled models use every physical core (``slimfx.runtime``), as do
 PyTorch and ONNX Runtime here.
 
     python bench/latency.py                                  # every model, no tuning
@@ -42,6 +43,8 @@ from slimfx.lowering import host_target  # noqa: E402
 #: Realistic input sizes per zoo model (image side).
 SIZES = {"resnet18": 224, "resnet50": 224, "vgg11": 224, "mobilenet_v2": 224,
          "densenet": 224, "vit": 224, "small_resnet": 56}
+#: The pipeline of the fast-conv and tuned builds.
+FAST_PIPELINE = "fold-bn,select-conv-algo{by=model},dce"
 CNNS = ("resnet18", "resnet50", "vgg11", "mobilenet_v2", "densenet", "small_resnet")
 
 
@@ -108,17 +111,17 @@ def bench_model(name: str, batch: int, args) -> tuple[list[str], list[str]]:
     log.append(f"untuned build {time.perf_counter() - t0:.1f} s")
     xn = x.numpy()
     runners["slimfx"] = lambda: [untuned.benchmark(xn, repeat=args.runs, warmup=0).median_ms]
+    pipeline = "fold-bn,dce" if args.no_fast_conv else FAST_PIPELINE
     if not args.no_fast_conv:
         t0 = time.perf_counter()
-        fast = slimfx.compile(model, x, pipeline="fold-bn,select-conv-algo{by=model},dce",
-                              verbose=False)
+        fast = slimfx.compile(model, x, pipeline=FAST_PIPELINE, verbose=False)
         log.append(f"fast-conv build {time.perf_counter() - t0:.1f} s")
         runners["slimfx fast-conv"] = lambda: [fast.benchmark(xn, repeat=args.runs,
                                                               warmup=0).median_ms]
     tuned = None
     if args.trials > 0 or args.records:
         t0 = time.perf_counter()
-        tuned = slimfx.compile(model, x, pipeline="fold-bn,dce", tune=args.trials,
+        tuned = slimfx.compile(model, x, pipeline=pipeline, tune=args.trials,
                                records=args.records, verbose=args.verbose)
         t = tuned.manifest["build"].get("tuning", {})
         log.append(f"tuned build {time.perf_counter() - t0:.1f} s (budget {args.trials}; "
