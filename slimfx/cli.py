@@ -143,7 +143,9 @@ def _cmd_compile(args) -> int:
     import slimfx
 
     model, inputs = _model_and_inputs(args)
-    compiled = slimfx.compile(model, inputs, target=args.target, pipeline=args.pipeline)
+    compiled = slimfx.compile(model, inputs, target=args.target, pipeline=args.pipeline,
+                              tune=args.tune, records=args.records,
+                              pad_channels=not args.no_pad_channels)
     path = compiled.save(args.output)
     m = compiled.manifest
     print(f"built {m['name']} for {m['target_name']} ({m['target'].get('mtriple', m['target']['kind'])}, "
@@ -234,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="host",
                    help="host (default), x86-64-avx2, x86-64-avx512, aarch64, aarch64-cortex-a55, cuda")
     p.add_argument("-o", "--output", required=True, help="artifact folder to write")
+    p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                   help="MetaSchedule trial budget (default 0: hand schedules); needs --records")
+    p.add_argument("--records", metavar="DIR",
+                   help="tuning records folder: reused, and written to when tuning")
+    p.add_argument("--no-pad-channels", action="store_true",
+                   help="keep channel widths as they are (no automatic pad-channels)")
     p.add_argument("--load", action="append", metavar="MODULE",
                    help="import a module that registers custom passes (repeatable)")
     p.set_defaults(func=_cmd_compile)

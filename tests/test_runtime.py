@@ -200,3 +200,24 @@ def test_cli_compile_and_run(tmp_path, capsys):
     assert "output0: float32[1,10]" in text and "latency: median" in text and "over 3 runs" in text
     assert main(["run", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_cli_compile_passes_tuning_and_padding_options(tmp_path, monkeypatch, capsys):
+    from slimfx.cli import main
+
+    seen = {}
+
+    def fake_compile(model, inputs, **kwargs):
+        seen.update(kwargs)
+        raise slimfx.SlimfxError("stop here")
+
+    monkeypatch.setattr(slimfx, "compile", fake_compile)
+    args = ["compile", "slimfx.zoo:small_resnet", "--input-shape", "1,3,16,16", "-o",
+            str(tmp_path / "a")]
+    assert main(args + ["--tune", "8", "--records", str(tmp_path / "rec"),
+                        "--no-pad-channels"]) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert seen["tune"] == 8 and seen["records"] == str(tmp_path / "rec")
+    assert seen["pad_channels"] is False
+    main(args)
+    assert seen["tune"] == 0 and seen["records"] is None and seen["pad_channels"] is True
