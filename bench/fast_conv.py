@@ -10,6 +10,7 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py [--rounds 5] [--runs 10] [--quick] [--models resnet18,vgg11]
     python bench/fast_conv.py --layers 256x14x3,256x7x3 --models ''   # some grid points
     python bench/fast_conv.py --layers 256x14x3 --packing --models ''  # U packed vs not
+    python bench/fast_conv.py --fit        # also refit select-conv-algo's cost model
 
 The header also prints the streaming floor: the F(4,3) GEMM kernel at one row reading a
 256-channel ``U`` (9.4 MB) and a 56.6 MB buffer (an FFT spectrum's size), and per layer the
@@ -131,7 +132,8 @@ def bench_packing(grid, rounds: int, runs: int) -> list[list]:
     return rows
 
 
-def bench_layers(grid, rounds: int, runs: int) -> list[list]:
+def bench_layers(grid, rounds: int, runs: int, measured: list | None = None) -> list[list]:
+    """One row per layer; ``measured`` (if given) collects ``(ConvParams, {algo: ms})``."""
     rows = []
     for cin, size, k in grid:
         torch.manual_seed(0)
@@ -144,6 +146,8 @@ def bench_layers(grid, rounds: int, runs: int) -> list[list]:
             built[a], errs[a] = cm, cm.parity["max_abs_error"]
         ms = _time_rounds(built, x, rounds, runs)
         p = fc.ConvParams(cin, cin, k, (k // 2, k // 2), tuple(x.shape), tuple(x.shape))
+        if measured is not None:
+            measured.append((p, ms))
         model_pick = min(_algos(k), key=lambda a: fc.estimate_ms(a, p))
         cells = []
         for a in ("winograd2", "winograd4", "fft"):
@@ -158,6 +162,50 @@ def bench_layers(grid, rounds: int, runs: int) -> list[list]:
         print(f"... {cin}ch {size}x{size} k{k}: " + ", ".join(f"{a} {v:.3f}" for a, v in ms.items()),
               flush=True)
     return rows
+
+
+def fit_model(measured: list) -> tuple[dict, list[list]]:
+    """Refit the cost model of ``select-conv-algo{by=model}`` (``fast_conv.MODEL``) to the
+    measured layers: least squares on log(estimated / measured ms) over every (layer,
+    algorithm), Nelder-Mead on the log of each constant (scipy, a bench extra).  Returns
+    the fitted constants and, per layer, what the old and the new constants pick."""
+    import math
+
+    import numpy as np
+    from scipy.optimize import minimize
+
+    keys = list(fc.MODEL)
+    old = dict(fc.MODEL)
+    t = host_target()
+
+    def estimate(consts: dict, a: str, p) -> float:
+        saved = dict(fc.MODEL)
+        fc.MODEL.update(consts)
+        try:
+            return fc.estimate_ms(a, p, vector_bits=t.vector_bits, cores=t.num_cores)
+        finally:
+            fc.MODEL.clear()
+            fc.MODEL.update(saved)
+
+    def loss(logs) -> float:
+        consts = dict(zip(keys, np.exp(logs)))
+        return sum((math.log(estimate(consts, a, p)) - math.log(ms)) ** 2
+                   for p, times in measured for a, ms in times.items())
+
+    # plausible ranges: efficiencies up to the peak, 0.5-200 bytes/ns/core, 0.1-500 us/kernel
+    ranges = {"bytes_per_ns": (0.5, 200.0), "kernel_overhead_ms": (1e-4, 0.5)}
+    bounds = [tuple(math.log(b) for b in ranges.get(k, (1e-3, 1.0))) for k in keys]
+    res = minimize(loss, np.log([old[k] for k in keys]), method="Nelder-Mead", bounds=bounds,
+                   options={"maxiter": 4000, "xatol": 1e-3, "fatol": 1e-6})
+    new = {k: float(f"{v:.3g}") for k, v in zip(keys, np.exp(res.x))}
+    rows = []
+    for p, times in measured:
+        fastest = min(times, key=times.get)
+        picks = [min(times, key=lambda a, c=c: estimate(c, a, p)) for c in (old, new)]
+        rows.append([f"{p.cin}", f"{p.out_shape[-1]}", f"{p.kernel}x{p.kernel}", fastest,
+                     *(f"{a} ({times['direct'] / times[a]:.2f}x)" for a in picks)])
+    print(f"\ncost model fit: loss {loss(np.log([old[k] for k in keys])):.2f} -> {res.fun:.2f}")
+    return new, rows
 
 
 def bench_models(names, size: int, rounds: int, runs: int) -> list[list]:
@@ -198,6 +246,8 @@ def main() -> None:
                     help="also time F(2,3)/F(4,3) with U packed vs unpacked (3x3 layers)")
     ap.add_argument("--models", default="resnet18,vgg11", help="zoo models ('' for none)")
     ap.add_argument("--size", type=int, default=112, help="model input height/width")
+    ap.add_argument("--fit", action="store_true",
+                    help="refit select-conv-algo's cost model (fast_conv.MODEL) to the layers")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     t = host_target()
@@ -206,7 +256,11 @@ def main() -> None:
         grid = [tuple(int(v) for v in spec.lower().split("x")) for spec in args.layers.split(",")]
         if any(len(g) != 3 for g in grid):
             ap.error(f"--layers takes CxSIZExK items, got {args.layers!r}")
-    layer_rows = bench_layers(grid, args.rounds, args.runs)
+    measured: list = []
+    layer_rows = bench_layers(grid, args.rounds, args.runs, measured)
+    fit = fit_model(measured) if args.fit else None
+    if fit:
+        fc.MODEL.update(fit[0])  # the whole-model by=model rows below use the fitted model
     pack_rows = bench_packing(grid, args.rounds, args.runs) if args.packing else []
     model_rows = bench_models([m for m in args.models.split(",") if m], args.size, args.rounds,
                               args.runs)
@@ -232,9 +286,13 @@ def main() -> None:
               "(alpha^2, Cin, Cout) vs packed in column panels; ratio = unpacked / packed")
         print(format_table(["C", "HxW", "F(2,3) unpacked", "packed", "ratio", "F(4,3) unpacked",
                             "packed", "ratio"], pack_rows, right=set(range(8))))
+    if fit:
+        print(f"\ncost model refitted to these layers: MODEL = {fit[0]}")
+        print(format_table(["C", "HxW", "kernel", "fastest", "old model picks", "fitted picks"],
+                           fit[1], right={0, 1}))
     if model_rows:
         print("\nwhole model (fold-bn,dce first), compiled latency in ms; select-conv-algo "
-              "by=measure and by=model vs direct")
+              "by=measure and by=model" + (" (fitted)" if fit else "") + " vs direct")
         print(format_table(["model", "input", "direct", "measure", "ratio", "choices",
                             "select s", "model", "ratio", "choices"], model_rows,
                            right={2, 3, 4, 6, 7, 8}))

@@ -530,7 +530,7 @@ MODEL = {"direct_eff": 0.2, "gemm_eff": 0.11, "transform_eff": 0.15, "dft_eff": 
 
 
 def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int = 2,
-                ghz: float = 2.5) -> float:
+                ghz: float = 2.5, blocked: bool = True) -> float:
     """Estimated latency (ms) of one convolution with ``algo`` ("direct", "winograd2",
     "winograd4", "fft") on a CPU with ``vector_bits``-wide FMA vectors and ``cores``.
 
@@ -539,7 +539,9 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     :data:`MODEL`, plus the bytes moved by the transform stages and of the (transformed)
     weights at the bandwidth in :data:`MODEL`, plus a fixed overhead per kernel launched.
     Transformed weights are larger than the direct ones (F(4,3): 4x, FFT: ``2 N (N/2+1) / k^2``),
-    which decides small feature maps with many channels.
+    which decides small feature maps with many channels.  ``blocked`` (CPU targets, where
+    direct convolutions share their neighbours' ``NCHW{c}c`` layout): Winograd and FFT
+    also pay converting their input and output to and from NCHW (two more kernels).
 
     >>> p = ConvParams(64, 64, 3, (1, 1), (1, 64, 56, 56), (1, 64, 56, 56))
     >>> estimate_ms("winograd4", p) < estimate_ms("direct", p)
@@ -574,9 +576,13 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
         raise ValueError(f"unknown algorithm {algo!r}: direct, {', '.join(ALGOS)}")
     transform = 2 * tiles * (ci * per_tile_in + co * per_tile_out)
     traffic = 4 * tiles * bins * (ci + co) * 2  # transformed input and output, written and read
+    launches = 3
+    if blocked:  # layout conversions of the input and the output, each read and written
+        traffic += 4 * 2 * n * (ci * p.in_shape[2] * p.in_shape[3] + co * ho * wo)
+        launches += 2
     eff = MODEL["transform_eff"] if algo != "fft" else MODEL["dft_eff"]
     return (gemm / (MODEL["gemm_eff"] * peak) + transform / (eff * peak)
-            + (traffic + weights) / bw + 3 * MODEL["kernel_overhead_ms"])
+            + (traffic + weights) / bw + launches * MODEL["kernel_overhead_ms"])
 
 
 @dataclass(frozen=True)
@@ -633,10 +639,17 @@ def _pipeline_of(algo: str) -> str | None:
 
 def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
                   rounds: int = 3) -> dict[str, float]:
-    """Median compiled latency (ms) of one convolution of shape ``p`` with each algorithm.
+    """Median compiled latency (ms) of one convolution of shape ``p`` with each algorithm,
+    in context: between two 1x1 convolutions, as a layer sits between others in a model.
 
-    Each candidate is compiled alone (random weights of the layer's shape) with
-    :func:`slimfx.compile`; rounds alternate the candidates so all see the same load.
+    Each candidate is compiled in that frame (random weights of the layer's shape) with
+    :func:`slimfx.compile`; rounds alternate the candidates so all see the same load.  The
+    frame matters on CPU targets: direct convolutions run in the blocked ``NCHW{c}c``
+    layout like their neighbours, while the Winograd and FFT ops convert their input and
+    output to and from NCHW.  A layer compiled alone gets it backwards (there the direct
+    layer pays the conversions at the model's ends), and picked Winograd on ResNet-18
+    layers that made the whole model slower (0.93x, ``bench/fast_conv.py``).  The times
+    include the frame's two 1x1 convolutions, the same for every candidate.
     """
     import statistics
 
@@ -649,8 +662,10 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
         conv = torch.nn.Conv2d(p.cin, p.cout, p.kernel, padding=p.padding)
         with torch.no_grad():
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (p.cin * p.kernel ** 2) ** -0.5)
+        frame = torch.nn.Sequential(torch.nn.Conv2d(p.cin, p.cin, 1), conv,
+                                    torch.nn.Conv2d(p.cout, p.cout, 1)).eval()
         x = torch.randn(p.in_shape, generator=gen)
-        built = {a: slimfx.compile(conv.eval(), x, target=target, pipeline=_pipeline_of(a),
+        built = {a: slimfx.compile(frame, x, target=target, pipeline=_pipeline_of(a),
                                    verbose=False) for a in todo}
         times: dict[str, list[float]] = {a: [] for a in todo}
         xs = x.numpy()
@@ -660,6 +675,23 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
         for a in todo:
             _MEASURED[(*key, a)] = statistics.median(times[a])
     return {a: _MEASURED[(*key, a)] for a in algos}
+
+
+def measure_models(graphs: dict[str, Graph], target: str = "host", repeat: int = 10,
+                   rounds: int = 3) -> dict[str, float]:
+    """Median compiled latency (ms) of each graph, in rounds that alternate them."""
+    import statistics
+
+    import slimfx
+
+    built = {k: slimfx.compile(g, target=target, check=False, verbose=False)
+             for k, g in graphs.items()}
+    xs = [x.detach().numpy() for x in next(iter(graphs.values())).example_inputs]
+    times: dict[str, list[float]] = {k: [] for k in built}
+    for _ in range(rounds):
+        for k, cm in built.items():
+            times[k].append(cm.benchmark(*xs, repeat=repeat, warmup=2).median_ms)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @register_pass("select-conv-algo")
@@ -698,7 +730,8 @@ class SelectConvAlgo(Pass):
             if opts.by == "measure":
                 times = measure_layer(p, ["direct", *cands], opts.target, opts.repeat)
             else:
-                times = {a: estimate_ms(a, p, vector_bits=info.vector_bits, cores=info.num_cores)
+                times = {a: estimate_ms(a, p, vector_bits=info.vector_bits, cores=info.num_cores,
+                                        blocked=info.kind == "llvm")
                          for a in ["direct", *cands]}
             best = min(cands, key=times.__getitem__)
             chosen = best if times["direct"] >= opts.margin * times[best] else "direct"
@@ -706,11 +739,26 @@ class SelectConvAlgo(Pass):
                              "speedup": round(times["direct"] / times[chosen], 3)}
             if chosen != "direct":
                 planned.append((node, p, chosen))
+        before = graph.copy() if planned and opts.by == "measure" else None
         inputs = _conv_inputs(graph, [n for n, _, _ in planned]) if planned else {}
         records = {}
         for node, p, algo in planned:
             records[_layer_name(node)] = _substitute(graph, node, algo, p, inputs[node.name])
         result = _finish(graph, records, skipped)
+        if before is not None:
+            # Layers are timed in a frame, not in their model (residual adds and ReLUs fuse
+            # into a direct convolution's epilogue, not into Winograd's): the whole model
+            # must be faster too, else every layer stays direct.
+            ms = measure_models({"direct": before, "selected": graph}, opts.target, opts.repeat)
+            result.stats["model_ms"] = {k: round(v, 4) for k, v in ms.items()}
+            if ms["direct"] < opts.margin * ms["selected"]:
+                for c in choices.values():
+                    c["choice"], c["speedup"] = "direct", 1.0
+                result = PassResult(before, False, {
+                    "replaced": 0, "layers": {}, "skipped": skipped,
+                    "model_ms": result.stats["model_ms"],
+                    "rolled_back": f"the selected model measured {ms['selected']:.3f} ms vs "
+                                   f"{ms['direct']:.3f} ms direct: every layer kept direct"})
         result.stats["choices"] = choices
         result.stats["by"] = opts.by
         result.stats["select_s"] = round(time.perf_counter() - t0, 2)

@@ -234,6 +234,28 @@ def test_select_by_model_applies_only_choices_that_beat_direct():
     assert ops == [WINOGRAD, FFT, aten.convolution.default]
 
 
+@pytest.mark.parametrize("whole_ms, applied", [({"direct": 1.0, "selected": 0.5}, True),
+                                               ({"direct": 1.0, "selected": 1.2}, False)])
+def test_select_by_measure_keeps_direct_when_the_whole_model_is_slower(monkeypatch, whole_ms,
+                                                                        applied):
+    # the layer measures faster with F(4,3); the whole model decides whether it stays
+    monkeypatch.setattr(fc, "measure_layer", lambda p, algos, *a, **k: {
+        a: (1.0 if a == "direct" else 0.5 if a == "winograd4" else 2.0) for a in algos})
+    monkeypatch.setattr(fc, "measure_models", lambda graphs, *a, **k: dict(whole_ms))
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()).eval()
+    pm = slimfx.PassManager("select-conv-algo{by=measure}")
+    g = pm.run(model, torch.randn(1, 16, 8, 8))
+    stats = pm.records[0].stats
+    assert stats["model_ms"] == whole_ms
+    ops = [n.target for n in g.find() if n.target in (WINOGRAD, aten.convolution.default)]
+    if applied:
+        assert ops == [WINOGRAD] and stats["choices"]["0"]["choice"] == "winograd4"
+    else:
+        assert ops == [aten.convolution.default] and pm.records[0].modified is False
+        assert stats["choices"]["0"]["choice"] == "direct"
+        assert "1.200 ms vs 1.000 ms direct" in stats["rolled_back"]
+
+
 # --------------------------------------------------------------------------- compiled
 class Net(nn.Module):
     """A stem (direct, blocked layout), Winograd convs with ReLU and a residual add
