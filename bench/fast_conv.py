@@ -179,13 +179,7 @@ def fit_model(measured: list) -> tuple[dict, list[list]]:
     t = host_target()
 
     def estimate(consts: dict, a: str, p) -> float:
-        saved = dict(fc.MODEL)
-        fc.MODEL.update(consts)
-        try:
-            return fc.estimate_ms(a, p, vector_bits=t.vector_bits, cores=t.num_cores)
-        finally:
-            fc.MODEL.clear()
-            fc.MODEL.update(saved)
+        return fc.estimate_ms(a, p, vector_bits=t.vector_bits, cores=t.num_cores, model=consts)
 
     def loss(logs) -> float:
         consts = dict(zip(keys, np.exp(logs)))

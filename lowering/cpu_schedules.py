@@ -21,8 +21,9 @@ a hand schedule chosen by its anchor block:
 
 - blocked convolution: a register tile of up to 7 (AVX-512) pixels of a row x two
   vectors of output channels (or up to 14 pixels x one vector where the chunks are odd),
-  accumulated in registers, reduction ``ic_chunk, kh, kw, ic_block`` outside, epilogue (bias, residual add, ReLU) fused at the register tile,
-  rows and channel chunks in parallel;
+  accumulated in registers, reduction ``ic_chunk, kh, kw, ic_block`` outside, epilogue
+  (bias, residual add, ReLU) fused at the register tile, rows and channel chunks in
+  parallel;
 - depthwise convolution: the same tile with the vector over the channel block, the
   padding inlined as guarded loads (also for stems with few input channels);
 - ``clip`` (ReLU6) is rewritten to ``maximum``/``minimum`` before ``ConvertLayout``

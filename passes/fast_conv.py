@@ -530,7 +530,7 @@ MODEL = {"direct_eff": 0.2, "gemm_eff": 0.11, "transform_eff": 0.15, "dft_eff": 
 
 
 def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int = 2,
-                ghz: float = 2.5, blocked: bool = True) -> float:
+                ghz: float = 2.5, blocked: bool = True, model: dict | None = None) -> float:
     """Estimated latency (ms) of one convolution with ``algo`` ("direct", "winograd2",
     "winograd4", "fft") on a CPU with ``vector_bits``-wide FMA vectors and ``cores``.
 
@@ -542,18 +542,20 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     which decides small feature maps with many channels.  ``blocked`` (CPU targets, where
     direct convolutions share their neighbours' ``NCHW{c}c`` layout): Winograd and FFT
     also pay converting their input and output to and from NCHW (two more kernels).
+    ``model`` replaces :data:`MODEL`'s constants (``bench/fast_conv.py --fit`` tries some).
 
     >>> p = ConvParams(64, 64, 3, (1, 1), (1, 64, 56, 56), (1, 64, 56, 56))
     >>> estimate_ms("winograd4", p) < estimate_ms("direct", p)
     True
     """
+    M = MODEL if model is None else model
     peak = 2 * (vector_bits // 32) * 2 * ghz * 1e6 * cores  # FLOP per ms: 2 FMA ports
     n, co, ho, wo = p.out_shape
     ci, k = p.cin, p.kernel
-    bw = MODEL["bytes_per_ns"] * 1e6 * cores
+    bw = M["bytes_per_ns"] * 1e6 * cores
     if algo == "direct":
-        return (2 * n * co * ho * wo * ci * k * k / (MODEL["direct_eff"] * peak)
-                + 4 * k * k * ci * co / bw + MODEL["kernel_overhead_ms"])
+        return (2 * n * co * ho * wo * ci * k * k / (M["direct_eff"] * peak)
+                + 4 * k * k * ci * co / bw + M["kernel_overhead_ms"])
     if algo.startswith("winograd"):
         m = int(algo[-1])
         if k != 3:
@@ -580,9 +582,9 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     if blocked:  # layout conversions of the input and the output, each read and written
         traffic += 4 * 2 * n * (ci * p.in_shape[2] * p.in_shape[3] + co * ho * wo)
         launches += 2
-    eff = MODEL["transform_eff"] if algo != "fft" else MODEL["dft_eff"]
-    return (gemm / (MODEL["gemm_eff"] * peak) + transform / (eff * peak)
-            + (traffic + weights) / bw + launches * MODEL["kernel_overhead_ms"])
+    eff = M["transform_eff"] if algo != "fft" else M["dft_eff"]
+    return (gemm / (M["gemm_eff"] * peak) + transform / (eff * peak)
+            + (traffic + weights) / bw + launches * M["kernel_overhead_ms"])
 
 
 @dataclass(frozen=True)
@@ -651,8 +653,6 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
     layers that made the whole model slower (0.93x, ``bench/fast_conv.py``).  The times
     include the frame's two 1x1 convolutions, the same for every candidate.
     """
-    import statistics
-
     import slimfx
 
     key = (target, p.cin, p.cout, p.kernel, p.padding, p.in_shape)
@@ -667,30 +667,30 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
         x = torch.randn(p.in_shape, generator=gen)
         built = {a: slimfx.compile(frame, x, target=target, pipeline=_pipeline_of(a),
                                    verbose=False) for a in todo}
-        times: dict[str, list[float]] = {a: [] for a in todo}
-        xs = x.numpy()
-        for _ in range(rounds):
-            for a in todo:
-                times[a].append(built[a].benchmark(xs, repeat=repeat, warmup=2).median_ms)
-        for a in todo:
-            _MEASURED[(*key, a)] = statistics.median(times[a])
+        for a, ms in _alternate(built, [x.numpy()], repeat, rounds).items():
+            _MEASURED[(*key, a)] = ms
     return {a: _MEASURED[(*key, a)] for a in algos}
 
 
 def measure_models(graphs: dict[str, Graph], target: str = "host", repeat: int = 10,
                    rounds: int = 3) -> dict[str, float]:
     """Median compiled latency (ms) of each graph, in rounds that alternate them."""
-    import statistics
-
     import slimfx
 
     built = {k: slimfx.compile(g, target=target, check=False, verbose=False)
              for k, g in graphs.items()}
     xs = [x.detach().numpy() for x in next(iter(graphs.values())).example_inputs]
+    return _alternate(built, xs, repeat, rounds)
+
+
+def _alternate(built: dict, inputs, repeat: int, rounds: int) -> dict[str, float]:
+    """Median latency (ms) of each compiled model over ``rounds`` that alternate them."""
+    import statistics
+
     times: dict[str, list[float]] = {k: [] for k in built}
     for _ in range(rounds):
         for k, cm in built.items():
-            times[k].append(cm.benchmark(*xs, repeat=repeat, warmup=2).median_ms)
+            times[k].append(cm.benchmark(*inputs, repeat=repeat, warmup=2).median_ms)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -754,11 +754,11 @@ class SelectConvAlgo(Pass):
             if ms["direct"] < opts.margin * ms["selected"]:
                 for c in choices.values():
                     c["choice"], c["speedup"] = "direct", 1.0
-                result = PassResult(before, False, {
-                    "replaced": 0, "layers": {}, "skipped": skipped,
-                    "model_ms": result.stats["model_ms"],
-                    "rolled_back": f"the selected model measured {ms['selected']:.3f} ms vs "
-                                   f"{ms['direct']:.3f} ms direct: every layer kept direct"})
+                model_ms, result = result.stats["model_ms"], _finish(before, {}, skipped)
+                result.stats["model_ms"] = model_ms
+                result.stats["rolled_back"] = (
+                    f"the selected model measured {ms['selected']:.3f} ms vs "
+                    f"{ms['direct']:.3f} ms direct: every layer kept direct")
         result.stats["choices"] = choices
         result.stats["by"] = opts.by
         result.stats["select_s"] = round(time.perf_counter() - t0, 2)
