@@ -19,7 +19,8 @@ import torch
 
 from slimfx.errors import SlimfxError
 
-__all__ = ["CompiledModel", "IOSpec", "Latency", "InputError", "ArtifactError"]
+__all__ = ["CompiledModel", "IOSpec", "Latency", "Profile", "KernelTime", "InputError",
+           "ArtifactError"]
 
 
 class InputError(SlimfxError, ValueError):
@@ -58,6 +59,58 @@ class Latency:
     def __str__(self) -> str:
         return (f"median {self.median_ms:.3f} ms, min {self.min_ms:.3f} ms, "
                 f"max {self.max_ms:.3f} ms over {self.runs} runs")
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One kernel's share of a :class:`Profile`: median milliseconds per model run."""
+
+    name: str
+    calls: int  # calls per model run
+    ms: float  # median over the profiled runs of the summed time of its calls in one run
+    shapes: str = ""  # argument shapes of its first call (inputs, then outputs)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where a compiled model's time goes, kernel by kernel (:meth:`CompiledModel.profile`).
+
+    ``total_ms`` is the median wall time of a run as the profiler saw it (timing each call
+    adds a few microseconds per kernel); ``overhead_ms`` is what no kernel accounts for:
+    the virtual machine's own work between kernels (allocation, shape checks, calls).
+    """
+
+    kernels: tuple[KernelTime, ...]  # slowest first
+    total_ms: float
+    runs: int
+
+    @property
+    def kernel_ms(self) -> float:
+        return sum(k.ms for k in self.kernels)
+
+    @property
+    def overhead_ms(self) -> float:
+        return max(0.0, self.total_ms - self.kernel_ms)
+
+    def table(self, top: int | None = None) -> str:
+        """A text table: kernel, calls, ms, share of the run; ``top`` rows at most."""
+        from slimfx.ir.printing import format_table
+
+        rows = [[k.name, str(k.calls), f"{k.ms:.3f}", f"{100 * k.ms / self.total_ms:.1f}%",
+                 k.shapes] for k in self.kernels[:top]]
+        rest = self.kernels[top:] if top is not None else ()
+        if rest:
+            ms = sum(k.ms for k in rest)
+            rows.append([f"({len(rest)} more kernels)", str(sum(k.calls for k in rest)),
+                         f"{ms:.3f}", f"{100 * ms / self.total_ms:.1f}%", ""])
+        rows.append(["(between kernels)", "", f"{self.overhead_ms:.3f}",
+                     f"{100 * self.overhead_ms / self.total_ms:.1f}%", ""])
+        rows.append(["total", str(sum(k.calls for k in self.kernels)), f"{self.total_ms:.3f}",
+                     "100%", ""])
+        return format_table(["kernel", "calls", "ms", "share", "argument shapes"], rows)
+
+    def __str__(self) -> str:
+        return self.table()
 
 
 def _np_dtype_name(t) -> str:
@@ -201,6 +254,64 @@ class CompiledModel:
         timer = self._vm.time_evaluator("invoke_stateful", self._dev, number=number, repeat=repeat)
         times = [t * 1e3 for t in timer("main").results]
         return Latency(statistics.median(times), min(times), max(times), len(times))
+
+    def profile(self, *inputs, repeat: int = 10, warmup: int = 2) -> Profile:
+        """Time every kernel call of ``repeat`` runs; the medians per kernel, slowest first.
+
+        Each call the virtual machine makes (a compiled kernel or one of its builtins) is
+        timed by an instrument around it; calls with the same symbol are summed per run.
+        Local devices only (the instrument is a Python callback).  Inputs default to zeros.
+        """
+        import time
+
+        if self._device is not None:
+            raise ArtifactError("profile() times kernels with a Python callback on this "
+                                "machine; a model running through RPC cannot be profiled "
+                                "(use benchmark())")
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
+        if not inputs:
+            inputs = tuple(np.zeros(s.shape, dtype=s.dtype) for s in self.inputs)
+        self._set_inputs(inputs)
+        vm = self._vm
+        for _ in range(warmup):
+            vm.invoke_stateful("main")
+        per_run: list[dict[str, float]] = []
+        counts: dict[str, int] = {}
+        shapes: dict[str, str] = {}
+        started: list[float] = []
+        clock = time.perf_counter
+
+        def instrument(func, symbol, before, ret, *args) -> int:
+            if before:
+                started.append(clock())
+            else:
+                dt = clock() - started.pop()
+                run = per_run[-1]
+                run[symbol] = run.get(symbol, 0.0) + dt
+                if len(per_run) == 1:
+                    counts[symbol] = counts.get(symbol, 0) + 1
+                    if symbol not in shapes:
+                        shapes[symbol] = " ".join(
+                            "x".join(map(str, a.shape)) for a in args if hasattr(a, "shape"))
+            return 0
+
+        totals = []
+        vm.set_instrument(instrument)
+        try:
+            for _ in range(repeat):
+                per_run.append({})
+                t0 = clock()
+                vm.invoke_stateful("main")
+                totals.append(clock() - t0)
+        finally:
+            vm.set_instrument(lambda *a: 0)
+        kernels = [KernelTime(name, calls,
+                              1e3 * statistics.median(r.get(name, 0.0) for r in per_run),
+                              shapes.get(name, ""))
+                   for name, calls in counts.items()]
+        kernels.sort(key=lambda k: -k.ms)
+        return Profile(tuple(kernels), 1e3 * statistics.median(totals), repeat)
 
     # ------------------------------------------------------------------ saving
     def save(self, path, *, index_coding: str = "bitpack") -> str:

@@ -183,6 +183,10 @@ def _cmd_run(args) -> int:
     if args.bench:
         lat = compiled.benchmark(*inputs, repeat=args.repeat)
         print(f"latency: {lat}")
+    if args.profile:
+        if remote is not None:
+            raise CliError("--profile times kernels on this machine; it cannot run with --remote")
+        print(compiled.profile(*inputs, repeat=args.repeat).table(top=args.profile))
     return 0
 
 
@@ -249,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="load an artifact and run it (optionally benchmark)")
     p.add_argument("artifact", help="artifact folder written by `slimfx compile`")
     p.add_argument("--bench", action="store_true", help="print latency median/min/max")
-    p.add_argument("--repeat", type=int, default=20, help="timed runs for --bench (default 20)")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs for --bench/--profile (default 20)")
+    p.add_argument("--profile", type=int, metavar="N", default=0,
+                   help="print the N slowest kernels (per-kernel times over --repeat runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--remote", metavar="HOST:PORT", help="run on a TVM RPC server")
     p.set_defaults(func=_cmd_run)

@@ -46,6 +46,22 @@ def test_benchmark_statistics(compiled):
     assert lat.runs == 7 and 0 < lat.min_ms <= lat.median_ms <= lat.max_ms
 
 
+def test_profile_names_every_kernel_and_sums_to_the_run(compiled):
+    prof = compiled.profile(torch.randn(1, 3, 8, 8), repeat=3)
+    names = [k.name for k in prof.kernels]
+    assert prof.runs == 3 and len(names) == len(set(names))
+    convs = [k for k in prof.kernels if "conv2d" in k.name]
+    # two convolutions (the second with its residual add and ReLU fused), each once per run
+    assert len(convs) == 2 and all(k.calls == 1 and k.ms > 0 for k in convs)
+    assert "1x3x8x8" in " ".join(k.shapes for k in prof.kernels)  # the input's conversion
+    assert [k.ms for k in prof.kernels] == sorted((k.ms for k in prof.kernels), reverse=True)
+    assert 0 < prof.kernel_ms < 2 * prof.total_ms  # medians need not add up exactly
+    text = prof.table(top=2)
+    assert "more kernels" in text and "total" in text and convs[0].name in str(prof)
+    with pytest.raises(ValueError, match="repeat"):
+        compiled.profile(repeat=0)
+
+
 def test_artifact_layout_and_manifest(artifact, compiled):
     assert sorted(p.name for p in artifact.iterdir()) == ["manifest.json", "model.so", "params.npz"]
     m = json.loads((artifact / "manifest.json").read_text())
@@ -179,6 +195,8 @@ def test_rpc_on_loopback(artifact, model):
         torch.testing.assert_close(remote_model(x), model(x), atol=1e-5, rtol=1e-5)
         lat = remote_model.benchmark(x, repeat=3)
         assert lat.runs == 3 and lat.median_ms > 0
+        with pytest.raises(ArtifactError, match="RPC cannot be profiled"):
+            remote_model.profile(x)
         del remote_model
 
 
@@ -195,8 +213,9 @@ def test_cli_compile_and_run(tmp_path, capsys):
                  "--pipeline", "fold-bn,dce", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "parity vs PyTorch: max abs error" in text and f"wrote {out}" in text
-    assert main(["run", str(out), "--bench", "--repeat", "3"]) == 0
+    assert main(["run", str(out), "--bench", "--repeat", "3", "--profile", "2"]) == 0
     text = capsys.readouterr().out
+    assert "more kernels" in text and "argument shapes" in text
     assert "output0: float32[1,10]" in text and "latency: median" in text and "over 3 runs" in text
     assert main(["run", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
