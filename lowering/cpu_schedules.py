@@ -47,7 +47,7 @@ from typing import Any
 from .targets import LoweringError, TargetInfo
 
 __all__ = [
-    "ANCHOR_SCHEDULES", "CONV_BLOCK", "DWCONV_BLOCK", "PrepareOptions", "channel_block",
+    "ANCHOR_SCHEDULES", "POST_LAYOUT_PASSES", "CONV_BLOCK", "DWCONV_BLOCK", "PrepareOptions", "channel_block",
     "prepare", "schedule",
     "schedule_primfunc", "hand_schedule", "kernel_kind", "kernel_kinds", "lower_passes",
 ]
@@ -60,6 +60,11 @@ DWCONV_BLOCK = "dwconv2d_NCHWc"
 #: anchor block: ``{prefix: (kind, fn(sch, block, lanes))}`` (e.g. the Winograd transforms
 #: of :mod:`slimfx.lowering.fast_conv`).  A schedule that raises falls back to the generic one.
 ANCHOR_SCHEDULES: dict[str, tuple[str, Any]] = {}
+
+#: Relax module passes run right after ``ConvertLayout`` (blocked layouts only), as
+#: ``fn(mod, lanes) -> mod``: other lowerings adapt their kernels to the blocked layout
+#: (e.g. :func:`slimfx.lowering.fast_conv.blocked_winograd`).
+POST_LAYOUT_PASSES: list[Any] = []
 
 
 @dataclass(frozen=True)
@@ -279,6 +284,10 @@ def prepare(mod, info: TargetInfo, options: PrepareOptions | None = None):
     if opts.blocked_layout and info.kind == "llvm" and blocked_layout_supported(mod):
         passes.append(_make_clip_pass())
         passes.append(relax.transform.ConvertLayout({}, _layout_callback(info, mod)))
+        lanes = _lanes(info)
+        for fn in POST_LAYOUT_PASSES:
+            passes.append(tvm.ir.transform.module_pass(
+                lambda m, _ctx, fn=fn: fn(m, lanes), opt_level=0, name=fn.__name__))
     if opts.lift_params:
         passes.append(relax.transform.LiftTransformParams())
         passes.append(_make_untuple_pass())

@@ -3,9 +3,8 @@ schedules for the CPU.
 
 Winograd F(m x m, 3 x 3) becomes three kernels (``alpha = m + 2``, ``P`` tiles):
 
-1. input transform: the input is padded into an ``NHWC`` buffer (channels contiguous,
-   whatever the producer's layout: a blocked ``NCHW16c`` producer's layout conversion is
-   fused into this copy), then ``V[(eps, nu), p, ci] = (B^T d_p B)[eps, nu]`` for every
+1. input transform: the input (``NCHW``, or the blocked ``NCHW{c}c`` of its producer:
+   :func:`blocked_winograd`) is padded into an ``NHWC`` buffer (channels contiguous), then ``V[(eps, nu), p, ci] = (B^T d_p B)[eps, nu]`` for every
    ``alpha x alpha`` tile, all points of a tile unrolled with the constants of ``B``
    folded in, vectorized over input channels, parallel over tiles;
 2. transform-domain GEMM ``M[(eps, nu)] = V[(eps, nu)] @ U[(eps, nu)]`` (``P x Cin`` by
@@ -17,7 +16,8 @@ Winograd F(m x m, 3 x 3) becomes three kernels (``alpha = m + 2``, ``P`` tiles):
    With few tiles (deep layers on 7x7 or 14x14 maps) the kernel is bound by reading
    ``U``, ``alpha^2 / 9`` times the direct weights: ``bench/fast_conv.py`` prints the
    streaming floor;
-3. output transform ``Y = A^T M_p A + bias`` per ``m x m`` output tile (``NCHW``), with the
+3. output transform ``Y = A^T M_p A + bias`` per ``m x m`` output tile, written in the
+   blocked ``NCHW{c}c`` layout its consumers use (``NCHW`` when none does), with the
    element-wise ops after it fused (ReLU, residual add): unrolled over the tile,
    vectorized over a block of output channels, parallel over tile rows.  The kernel is
    marked out-element-wise-fusable, like a convolution, so the next layer's input
@@ -67,6 +67,15 @@ FFT_FORWARD_BLOCK = "fft_forward_y"
 FFT_REGROUP_BLOCK = "fft_regroup"
 
 
+#: Let Winograd transforms read and write the blocked layout (:func:`blocked_winograd`);
+#: False keeps them in NCHW with layout transforms around them, for A/B timing
+#: (``bench/fast_conv.py --layouts``).  Read when a graph is built.
+BLOCKED = True
+
+#: PrimFunc attribute naming a Winograd transform's role (``"input"``/``"output"``): the
+#: blocked-layout pass (:func:`blocked_winograd`) finds and re-emits these kernels.
+_ROLE = "slimfx.winograd"
+
 #: Pack the transformed Winograd weights in contiguous column panels (:func:`gemm_panel`);
 #: False keeps ``(alpha^2, Cin, Cout)``, the layout before packing, for A/B timing
 #: (``bench/fast_conv.py --packing``).  Read when a graph is lowered.
@@ -91,9 +100,20 @@ def _select(matrix: np.ndarray, row, col: int):
 
 # --------------------------------------------------------------------------- winograd TE
 def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int):
+    """``x`` is ``NCHW`` or channel-blocked ``NCHW{cb}c`` (5-D)."""
     from tvm import te, tirx
 
-    n, ci, h, w = _ints(x.shape)
+    if len(x.shape) == 5:
+        n, cc, h, w, cb = _ints(x.shape)
+        ci = cc * cb
+
+        def load(b, c, y, xx):
+            return x[b, c // cb, y, xx, c % cb]
+    else:
+        n, ci, h, w = _ints(x.shape)
+
+        def load(b, c, y, xx):
+            return x[b, c, y, xx]
     alpha = bt.shape[0]
     r = alpha - m + 1
     ho, wo = h + 2 * ph - r + 1, w + 2 * pw - r + 1
@@ -103,7 +123,7 @@ def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int):
         (n, hp, wp, ci),
         lambda b, y, xx, c: tirx.if_then_else(
             tirx.all(y >= ph, y < ph + h, xx >= pw, xx < pw + w),
-            x[b, c, y - ph, xx - pw], tirx.const(0.0, x.dtype)),
+            load(b, c, y - ph, xx - pw), tirx.const(0.0, x.dtype)),
         name=PAD_BLOCK)
 
     def v(e, p, c):
@@ -163,7 +183,8 @@ def gemm_panel(rows: int, cols: int) -> int:
     return cols if cols <= 64 else cs._largest_divisor(cols, 32)
 
 
-def _winograd_output_te(mm, bias, at: np.ndarray, n: int, ho: int, wo: int):
+def _winograd_output_te(mm, bias, at: np.ndarray, n: int, ho: int, wo: int, block: int = 0):
+    """``NCHW``, or channel-blocked ``NCHW{block}c`` with ``block`` > 0."""
     from tvm import te
 
     m, alpha = at.shape
@@ -180,6 +201,10 @@ def _winograd_output_te(mm, bias, at: np.ndarray, n: int, ho: int, wo: int):
                 acc = term if acc is None else acc + term
         return acc + bias[c] if bias is not None else acc
 
+    if block:
+        return te.compute((n, co // block, ho, wo, block),
+                          lambda b, cc, yy, xx, cb: y(b, cc * block + cb, yy, xx),
+                          name=f"{OUTPUT_BLOCK}_m{m}")
     return te.compute((n, co, ho, wo), y, name=f"{OUTPUT_BLOCK}_m{m}")
 
 
@@ -210,12 +235,14 @@ def _lower_winograd(node, importer):
         u2 = bb.emit(relax.op.permute_dims(relax.op.reshape(u, (alpha * alpha, co, ci)), [0, 2, 1]))
     # (the transform matrices are constants of the computes, not tensors: closures)
     v = bb.emit_te(lambda d: _winograd_input_te(d, bt, m, ph, pw), x,
-                   primfunc_name_hint="winograd_input")
+                   primfunc_name_hint="winograd_input",
+                   primfunc_attrs={_ROLE: "input", "slimfx.tile": m, "slimfx.padding": [ph, pw]})
     mm = bb.emit_te(_batch_gemm_te, v, u2, primfunc_name_hint="winograd_matmul")
     # Fusion pattern "out-elementwise-fusable" (4), as a convolution: ReLU, bias and residual
     # adds fuse into the output transform, but never the next layer's input transform.
     return bb.emit_te(lambda mt, b: _winograd_output_te(mt, b, at, n, ho, wo), mm, bias,
-                      primfunc_name_hint="winograd_output", primfunc_attrs={"op_pattern": 4})
+                      primfunc_name_hint="winograd_output",
+                      primfunc_attrs={"op_pattern": 4, _ROLE: "output", "slimfx.tile": m})
 
 
 # --------------------------------------------------------------------------- winograd schedules
@@ -239,6 +266,9 @@ def _schedule_input(sch, block, lanes: int) -> None:
             sch.compute_inline(b)
     if pad is not None:
         bl, y, x, c = sch.get_loops(pad)
+        src = [r.source.shape for r in sch.get(pad).reads if len(r.source.shape) == 5]
+        if src:  # a blocked input: vectors within one channel block (contiguous loads)
+            lanes = cs._largest_divisor(int(src[0][4]), lanes)
         co, ci = _vector_split(sch, c, lanes)
         sch.reorder(*(lp for lp in (bl, y, x, co) if lp is not None), ci)
         sch.parallel(sch.fuse(bl, y))
@@ -262,10 +292,16 @@ def _schedule_output(sch, block, lanes: int) -> None:
     for b in cs._blocks(sch)[:-1]:
         sch.compute_inline(b)
     loops = sch.get_loops(cs._blocks(sch)[-1])
-    if len(loops) != 4:
+    if len(loops) == 5:  # NCHW{c}c: the channel block is the vector (contiguous stores)
+        b, co, y, x, ci = loops
+        if cs._extent(sch, ci) > lanes:
+            cb, ci = sch.split(ci, [None, lanes])
+            co = sch.fuse(co, cb)
+    elif len(loops) == 4:  # NCHW: vectorize a block of channels (strided stores)
+        b, c, y, x = loops
+        co, ci = _vector_split(sch, c, lanes)
+    else:
         raise LoweringError(f"unexpected Winograd output kernel with {len(loops)} loops")
-    b, c, y, x = loops  # NCHW: vectorize a block of channels (strided stores)
-    co, ci = _vector_split(sch, c, lanes)
     yo, yi = sch.split(y, [None, m])
     xo, xi = sch.split(x, [None, m])
     outer = [lp for lp in (b, co, yo) if lp is not None]
@@ -583,3 +619,222 @@ def _lower_fft(node, importer):
     out = bb.emit(op.reshape(out, (ntiles, co, t, t)))
     return bb.emit_te(lambda o, b: _fft_untile_te(o, b, n, ho, wo), out, bias,
                       primfunc_name_hint="fft_untile")
+
+
+# --------------------------------------------------------------------------- blocked layouts
+#: Element-wise ops that a channel-blocked tensor passes through unchanged in meaning.
+_UNARY_OPS = frozenset({"relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.nn.silu",
+                        "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.leakyrelu"})
+_BINARY_OPS = frozenset({"relax.add", "relax.subtract", "relax.multiply", "relax.divide",
+                         "relax.maximum", "relax.minimum"})
+_POOL_OPS = frozenset({"relax.nn.max_pool2d", "relax.nn.avg_pool2d"})
+
+
+def _block_map(cb: int):
+    from tvm import tirx
+
+    return tirx.IndexMap.from_func(lambda n, c, h, w: (n, c // cb, h, w, c % cb))
+
+
+def _unblock_map(cb: int):
+    from tvm import tirx
+
+    return tirx.IndexMap.from_func(lambda n, c, h, w, b: (n, c * cb + b, h, w))
+
+
+def _transform_block(call) -> tuple[str, int] | None:
+    """``("block", cb)`` / ``("unblock", cb)`` for a ``layout_transform`` between ``NCHW``
+    and ``NCHW{cb}c``; None for any other call."""
+    if getattr(call.op, "name", "") != "relax.layout_transform":
+        return None
+    src, dst = cs._shape(call.args[0]), cs._shape(call)
+    if src is None or dst is None:
+        return None
+    if len(src) == 4 and len(dst) == 5:
+        kind, cb = "block", dst[4]
+    elif len(src) == 5 and len(dst) == 4:
+        kind, cb = "unblock", src[4]
+    else:
+        return None
+    want = _block_map(cb) if kind == "block" else _unblock_map(cb)
+    if call.attrs.pad_value is not None or not call.attrs.index_map.is_equivalent_to(want):
+        return None
+    return kind, cb
+
+
+def _is_scalar(expr) -> bool:
+    shape = cs._shape(expr)
+    return shape is not None and all(s == 1 for s in shape)
+
+
+def blocked_winograd(mod, lanes: int):
+    """Winograd transforms that read and write ``NCHW{c}c`` directly, after ``ConvertLayout``.
+
+    ``ConvertLayout`` leaves every kernel it does not know (the Winograd transforms are
+    TIR functions) in ``NCHW``, with a layout transform on each side: from the blocked
+    producer, and back to the blocked layout after the output transform (and the ReLU or
+    residual add that follow it).  This pass re-emits the input transform on the blocked
+    tensor and the output transform in the blocked layout whenever a blocked consumer
+    (or another Winograd op) is downstream, carries the blocked form through the
+    element-wise ops and pooling in between, and drops the transforms that become unused.
+    """
+    import tvm
+    from tvm import relax
+
+    at_bt = {m: tuple(t.numpy().astype("float32") for t in winograd_matrices(m, 3))
+             for m in (2, 4)}
+
+    def role(call) -> tuple[str, dict] | None:
+        if getattr(call.op, "name", "") != "relax.call_tir":
+            return None
+        func = mod.functions.get(call.args[0]) if isinstance(call.args[0], tvm.ir.GlobalVar) \
+            else None
+        attrs = getattr(func, "attrs", None)
+        if attrs is None or _ROLE not in attrs:
+            return None
+        return str(attrs[_ROLE]), attrs
+
+    users: dict = {}
+    for _gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            for blk in f.body.blocks:
+                for bd in blk.bindings:
+                    if isinstance(bd.value, relax.Call):
+                        for a in bd.value.args:
+                            for v in (a.fields if isinstance(a, relax.Tuple) else [a]):
+                                if isinstance(v, relax.Var):
+                                    users.setdefault(v, []).append(bd)
+
+    def wanted_block(var, co: int, depth: int = 0) -> int | None:
+        """The block a downstream consumer of ``var`` wants, through element-wise ops."""
+        for bd in users.get(var, ()):
+            call = bd.value
+            name = getattr(call.op, "name", "")
+            t = _transform_block(call)
+            if t is not None and t[0] == "block":
+                return t[1]
+            r = role(call)
+            if r is not None and r[0] == "input":
+                return cs.channel_block(co, lanes)
+            if depth < 8 and (name in _UNARY_OPS or name in _BINARY_OPS or name in _POOL_OPS):
+                found = wanted_block(bd.var, co, depth + 1)
+                if found:
+                    return found
+        return None
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def __init__(self):
+            super().__init__(mod)
+            self.alias: dict = {}  # NCHW var -> (its NCHW{cb}c twin, cb)
+
+        def _emit(self, binding, expr):
+            var = self.builder_.emit(expr, name_hint=binding.var.name)
+            self.set_var_remap(binding.var, var)
+            return var
+
+        def _emit_blocked(self, binding, blocked, cb: int) -> None:
+            """Bind ``blocked`` (an expression or a bound var); the original var becomes
+            its NCHW view, which dead-code elimination drops unless something uses it."""
+            vb = blocked if isinstance(blocked, relax.Var) else \
+                self.builder_.emit(blocked, name_hint=binding.var.name + "_b")
+            v = self._emit(binding, relax.op.layout_transform(vb, _unblock_map(cb)))
+            self.alias[v] = (vb, cb)
+
+        def visit_var_binding_(self, binding) -> None:
+            call = binding.value
+            if not isinstance(binding.var, relax.DataflowVar) or not isinstance(call, relax.Call) \
+                    or not self._rewrite(binding, call):
+                super().visit_var_binding_(binding)
+
+        def _rewrite(self, binding, call) -> bool:
+            args = [self.visit_expr(a) for a in call.args]
+            name = getattr(call.op, "name", "")
+            t = _transform_block(call)
+            if t is not None and t[0] == "unblock":
+                v = self._emit(binding, relax.Call(call.op, args, call.attrs))
+                self.alias[v] = (args[0], t[1])
+                return True
+            if t is not None and t[0] == "block":
+                twin = self.alias.get(args[0])
+                if twin is None or twin[1] != t[1]:
+                    return False
+                self.set_var_remap(binding.var, twin[0])
+                return True
+            r = role(call)
+            if r is not None:
+                ins = list(args[1].fields)
+                m = int(r[1]["slimfx.tile"])
+                at, _, bt = at_bt[m]
+                if r[0] == "input":
+                    twin = self.alias.get(ins[0])
+                    if twin is None:
+                        return False
+                    ph, pw = (int(p) for p in r[1]["slimfx.padding"])
+                    var = self.builder_.emit_te(
+                        lambda d: _winograd_input_te(d, bt, m, ph, pw), twin[0],
+                        primfunc_name_hint="winograd_input",
+                        primfunc_attrs={_ROLE: "input_blocked"})
+                    self.set_var_remap(binding.var, var)
+                    return True
+                if r[0] == "output":
+                    n, co, ho, wo = cs._shape(binding.var)
+                    cb = wanted_block(binding.var, co)
+                    if not cb or co % cb:
+                        return False
+                    attrs = {"op_pattern": 4, _ROLE: "output_blocked", "slimfx.tile": m}
+                    if len(ins) > 1:
+                        vb = self.builder_.emit_te(
+                            lambda mt, b: _winograd_output_te(mt, b, at, n, ho, wo, cb), *ins,
+                            primfunc_name_hint="winograd_output", primfunc_attrs=attrs)
+                    else:
+                        vb = self.builder_.emit_te(
+                            lambda mt: _winograd_output_te(mt, None, at, n, ho, wo, cb), *ins,
+                            primfunc_name_hint="winograd_output", primfunc_attrs=attrs)
+                    self._emit_blocked(binding, vb, cb)
+                    return True
+                return False
+            if name in _UNARY_OPS:
+                twin = self.alias.get(args[0])
+                if twin is None or not all(_is_scalar(a) for a in args[1:]):
+                    return False
+                self._emit_blocked(binding, relax.Call(call.op, [twin[0], *args[1:]],
+                                                       call.attrs), twin[1])
+                return True
+            if name in _BINARY_OPS:
+                a, b = (self.alias.get(x) for x in args)
+                if a is not None and b is not None and a[1] == b[1]:
+                    new = [a[0], b[0]]
+                elif a is not None and _is_scalar(args[1]):
+                    new = [a[0], args[1]]
+                elif b is not None and _is_scalar(args[0]):
+                    new = [args[0], b[0]]
+                else:
+                    return False
+                cb = (a or b)[1]
+                self._emit_blocked(binding, relax.Call(call.op, new, call.attrs), cb)
+                return True
+            if name in _POOL_OPS:
+                twin = self.alias.get(args[0])
+                at_ = call.attrs
+                if twin is None or at_.layout != "NCHW" or at_.out_layout != "NCHW":
+                    return False
+                layout = f"NCHW{twin[1]}c"
+                fn = relax.op.nn.max_pool2d if name.endswith("max_pool2d") else \
+                    relax.op.nn.avg_pool2d
+                pooled = fn(twin[0], at_.pool_size, at_.strides, at_.padding, at_.dilation,
+                            at_.ceil_mode, at_.count_include_pad, layout, layout)
+                self._emit_blocked(binding, pooled, twin[1])
+                return True
+            return False
+
+    if not BLOCKED:
+        return mod
+    rw = Rewriter()
+    for gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(f))
+    return relax.transform.DeadCodeElimination()(rw.builder_.get())
+
+
+cs.POST_LAYOUT_PASSES.append(blocked_winograd)

@@ -540,8 +540,9 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     weights at the bandwidth in :data:`MODEL`, plus a fixed overhead per kernel launched.
     Transformed weights are larger than the direct ones (F(4,3): 4x, FFT: ``2 N (N/2+1) / k^2``),
     which decides small feature maps with many channels.  ``blocked`` (CPU targets, where
-    direct convolutions share their neighbours' ``NCHW{c}c`` layout): Winograd and FFT
-    also pay converting their input and output to and from NCHW (two more kernels).
+    direct convolutions share their neighbours' ``NCHW{c}c`` layout): FFT also pays
+    converting its input and output to and from NCHW (two more kernels); Winograd's
+    transforms read and write the blocked layout themselves.
     ``model`` replaces :data:`MODEL`'s constants (``bench/fast_conv.py --fit`` tries some).
 
     >>> p = ConvParams(64, 64, 3, (1, 1), (1, 64, 56, 56), (1, 64, 56, 56))
@@ -579,7 +580,7 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     transform = 2 * tiles * (ci * per_tile_in + co * per_tile_out)
     traffic = 4 * tiles * bins * (ci + co) * 2  # transformed input and output, written and read
     launches = 3
-    if blocked:  # layout conversions of the input and the output, each read and written
+    if blocked and algo == "fft":  # layout conversions of the input and output, read and written
         traffic += 4 * 2 * n * (ci * p.in_shape[2] * p.in_shape[3] + co * ho * wo)
         launches += 2
     eff = M["transform_eff"] if algo != "fft" else M["dft_eff"]
@@ -646,11 +647,12 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
 
     Each candidate is compiled in that frame (random weights of the layer's shape) with
     :func:`slimfx.compile`; rounds alternate the candidates so all see the same load.  The
-    frame matters on CPU targets: direct convolutions run in the blocked ``NCHW{c}c``
-    layout like their neighbours, while the Winograd and FFT ops convert their input and
-    output to and from NCHW.  A layer compiled alone gets it backwards (there the direct
-    layer pays the conversions at the model's ends), and picked Winograd on ResNet-18
-    layers that made the whole model slower (0.93x, ``bench/fast_conv.py``).  The times
+    frame matters on CPU targets: direct convolutions (and Winograd's transforms) run in
+    the blocked ``NCHW{c}c`` layout like their neighbours, while the FFT op converts its
+    input and output to and from NCHW.  A layer compiled alone gets it backwards (there
+    the direct layer pays the conversions at the model's ends), and picked Winograd on
+    ResNet-18 layers that made the whole model slower (0.93x, ``bench/fast_conv.py``,
+    before Winograd read the blocked layout).  The times
     include the frame's two 1x1 convolutions, the same for every candidate.
     """
     import slimfx

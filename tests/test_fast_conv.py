@@ -366,3 +366,67 @@ def test_select_by_measure_records_times_and_applies_faster_choices():
     assert c["choice"] == ("winograd4" if faster else "direct")
     assert (next(g.find()).target is WINOGRAD) == faster
     assert len(fc._MEASURED) == 2  # cached: a layer of the same shape is not measured again
+
+
+class BlockedNet(nn.Module):
+    """Winograd convs between direct (blocked) neighbours: ReLU, a residual add, a max
+    pool and a bias-free conv between them; 24 channels (an 8-wide block on AVX-512)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.a = nn.Conv2d(24, 24, 3, padding=1)
+        self.b = nn.Conv2d(24, 24, 3, padding=1, bias=False)
+        self.c = nn.Conv2d(24, 32, 3, padding=1)
+        self.head = nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.b(torch.relu(self.a(y))) + y)
+        y = nn.functional.max_pool2d(self.c(y), 2)
+        return self.head(torch.relu(y))
+
+
+def _main_calls(mod) -> list[str]:
+    """Callee names of ``main``'s kernel calls, in order."""
+    from tvm import relax
+
+    names = []
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir":
+                names.append(v.args[0].name_hint)
+    return names
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_reads_and_writes_the_blocked_layout(tile, monkeypatch):
+    from slimfx.lowering import cpu_schedules, to_relax
+    from slimfx.lowering import fast_conv as lf
+    from slimfx.lowering.targets import host_target
+
+    torch.manual_seed(5)
+    model = BlockedNet().eval()
+    x = torch.randn(1, 3, 12, 12)
+    pipe = f"winograd{{tile={tile},exclude=[stem]}}"
+    graph = slimfx.run_pipeline(slimfx.capture(model, x), pipe)
+    prog = to_relax(graph)
+    calls = {}
+    for blocked in (True, False):
+        monkeypatch.setattr(lf, "BLOCKED", blocked)
+        calls[blocked] = _main_calls(cpu_schedules.prepare(prog.mod, host_target()))
+    transforms = {k: [c for c in v if "layout_transform" in c] for k, v in calls.items()}
+    # blocked: only the model's input and output are converted; before, every Winograd op
+    # converted its input from and its output back to the blocked layout
+    assert len(transforms[True]) == 2 and len(transforms[False]) >= 5
+    assert sum("winograd_output" in c for c in calls[True]) == 3
+    tol = fc.WINOGRAD_TOLERANCE[tile]
+    outs = {}
+    for blocked in (True, False):
+        monkeypatch.setattr(lf, "BLOCKED", blocked)
+        outs[blocked] = slimfx.compile(graph, x, pipeline="", atol=tol)(x)
+    with torch.no_grad():
+        ref = model(x)
+    assert _rel(outs[True], ref) <= tol
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
