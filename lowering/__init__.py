@@ -2,6 +2,7 @@
 
 from . import (
     aten_fixes,  # noqa: F401  (registers slimfx's lowerings of mis-converted ATen ops)
+    attention,  # noqa: F401  (the CPU kernel of relax.nn.attention)
     fast_conv,  # noqa: F401  (lowerings of slimfx::winograd_conv2d, fft_conv2d)
     shared_weights,  # noqa: F401  (lowerings of the weight-sharing ops)
 )

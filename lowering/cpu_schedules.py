@@ -47,7 +47,7 @@ from typing import Any
 from .targets import LoweringError, TargetInfo
 
 __all__ = [
-    "ANCHOR_SCHEDULES", "POST_LAYOUT_PASSES", "CONV_BLOCK", "DWCONV_BLOCK", "PrepareOptions", "channel_block",
+    "ANCHOR_SCHEDULES", "LEGALIZATIONS", "POST_LAYOUT_PASSES", "CONV_BLOCK", "DWCONV_BLOCK", "PrepareOptions", "channel_block",
     "prepare", "schedule",
     "schedule_primfunc", "hand_schedule", "kernel_kind", "kernel_kinds", "lower_passes",
 ]
@@ -60,6 +60,11 @@ DWCONV_BLOCK = "dwconv2d_NCHWc"
 #: anchor block: ``{prefix: (kind, fn(sch, block, lanes))}`` (e.g. the Winograd transforms
 #: of :mod:`slimfx.lowering.fast_conv`).  A schedule that raises falls back to the generic one.
 ANCHOR_SCHEDULES: dict[str, tuple[str, Any]] = {}
+
+#: Legalizations of Relax ops for the fast CPU lowering besides slimfx's blocked
+#: convolution, as ``{op name: factory(info) -> fn(bb, call)}`` (e.g. attention,
+#: :mod:`slimfx.lowering.attention`).
+LEGALIZATIONS: dict[str, Any] = {}
 
 #: Relax module passes run right after ``ConvertLayout`` (blocked layouts only), as
 #: ``fn(mod, lanes) -> mod``: other lowerings adapt their kernels to the blocked layout
@@ -292,7 +297,9 @@ def prepare(mod, info: TargetInfo, options: PrepareOptions | None = None):
         passes.append(relax.transform.LiftTransformParams())
         passes.append(_make_untuple_pass())
     passes += [
-        relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": legalize_conv2d}),
+        relax.transform.LegalizeOps(customize_legalize_map={
+            "relax.nn.conv2d": legalize_conv2d,
+            **{op: factory(info) for op, factory in LEGALIZATIONS.items()}}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
