@@ -181,9 +181,10 @@ def _uniform_block(mod, lanes: int) -> int | None:
 def _layout_callback(info: TargetInfo, mod=None):
     lanes = _lanes(info)
     uniform = _uniform_block(mod, lanes) if mod is not None else None
-    if uniform is not None:
-        lanes = uniform
+    return _layout_callback_lanes(uniform if uniform is not None else lanes)
 
+
+def _layout_callback_lanes(lanes: int):
     def cb(call) -> dict[str, list[str]]:
         if call.op.name != "relax.nn.conv2d":
             return {}
@@ -286,13 +287,17 @@ def prepare(mod, info: TargetInfo, options: PrepareOptions | None = None):
     opts = options or PrepareOptions()
     t = info.tvm()
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    lanes = _lanes(info)
     if opts.blocked_layout and info.kind == "llvm" and blocked_layout_supported(mod):
         passes.append(_make_clip_pass())
         passes.append(relax.transform.ConvertLayout({}, _layout_callback(info, mod)))
-        lanes = _lanes(info)
         for fn in POST_LAYOUT_PASSES:
             passes.append(tvm.ir.transform.module_pass(
                 lambda m, _ctx, fn=fn: fn(m, lanes), opt_level=0, name=fn.__name__))
+    elif opts.blocked_layout and info.kind == "llvm":
+        passes.append(tvm.ir.transform.module_pass(
+            lambda m, _ctx: _block_nchw_convs_fn(m, lanes), opt_level=0,
+            name="SlimfxBlockNchwConvs"))
     if opts.lift_params:
         passes.append(relax.transform.LiftTransformParams())
         passes.append(_make_untuple_pass())
@@ -339,6 +344,48 @@ def _clip_to_min_max_fn(mod, _ctx=None):
         if isinstance(f, relax.Function):
             mod[gv] = rewrite_call(pattern, rewriter, f)
     return mod
+
+
+def _block_nchw_convs_fn(mod, lanes: int):
+    """Convolutions left in ``NCHW`` -> the blocked convolution between two layout transforms.
+
+    Models whose other ops keep the whole graph in ``NCHW`` (``_NO_BLOCKED_LAYOUT``: ViT's
+    patch embedding, ConvNeXt's convolutions next to its layer norms) would otherwise get
+    TVM's plain convolution, 20-40x slower than the blocked one; converting the activations
+    at each such convolution costs two copies of its input and output.  The weight's
+    re-layout is weight-only and moves to load time (``LiftTransformParams``).
+    """
+    from tvm import relax
+
+    choose = _layout_callback_lanes(lanes)
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            layouts = choose(call).get("relax.nn.conv2d") if hasattr(call.op, "name") else None
+            if not layouts:
+                return call
+            data_l, kernel_l, out_l = layouts
+            bi, bo = _blocked(data_l, "NCHW"), _blocked(out_l, "NCHW")
+            a = call.attrs
+            emit = self.builder_.emit
+            xb = emit(relax.op.layout_transform(
+                call.args[0], lambda n, c, h, w: (n, c // bi, h, w, c % bi)))
+            if int(a.groups) != 1:  # depthwise: (C, 1, kh, kw) -> (C / b, 1, kh, kw, 1, b)
+                wmap = lambda o, i, h, w: (o // bo, i, h, w, i, o % bo)  # noqa: E731
+            else:
+                wmap = lambda o, i, h, w: (o // bo, i // bi, h, w, i % bi, o % bo)  # noqa: E731
+            wb = emit(relax.op.layout_transform(call.args[1], wmap))
+            y = emit(relax.op.nn.conv2d(xb, wb, a.strides, a.padding, a.dilation, a.groups,
+                                        data_l, kernel_l, out_l, a.out_dtype))
+            return relax.op.layout_transform(y, lambda n, c, h, w, b: (n, c * bo + b, h, w))
+
+    rw = Rewriter(mod)
+    for gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(f))
+    return rw.builder_.get()
 
 
 def _make_clip_pass():

@@ -262,3 +262,52 @@ def test_attention_kernel_matches_pytorch(s, t, heads, dim, dv, causal, mask):
     assert cm.manifest["build"]["kernels"].get("attention") == 1  # slimfx's kernel, scheduled
     q2, k2, v2 = (torch.randn_like(a) for a in (q, k, v))
     torch.testing.assert_close(cm(q2, k2, v2), model(q2, k2, v2), atol=2e-6, rtol=1e-5)
+
+
+class _Exps(nn.Module):
+    def forward(self, x):
+        return torch.exp(x - 3) + torch.erf(x)
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(),
+                                 nn.Sigmoid(), nn.Tanh(), _Exps()],
+                         ids=["gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "exp_erf"])
+def test_fast_math_activations_match_pytorch(act):
+    from slimfx.lowering.fast_math import FAST_MATH_OPS
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), act).eval()
+    x = 4 * torch.randn(8, 16)  # past the saturation of tanh/sigmoid/erf both ways
+    _check(model, x)
+    g = slimfx.capture(model, x)
+    mod = cs.schedule(cs.prepare(to_relax(g).mod, host_target()), host_target())
+    text = "\n".join(f.script() for f in mod.functions.values() if type(f).__name__ == "PrimFunc")
+    # polynomials, not libm calls (which LLVM cannot vectorize)
+    assert not any(f"T.{fn}(" in text for fn in ("exp", "erf", "tanh", "sigmoid"))
+    assert "relax.nn.gelu" in FAST_MATH_OPS
+
+
+def test_convs_in_an_nchw_model_still_use_the_blocked_kernels():
+    """A ConvNeXt-style block: its layer norm keeps the model in NCHW, yet the patchify
+    stem, the depthwise 7x7 and the downsampling conv get the blocked kernels (each with
+    its own layout transforms)."""
+
+    class Block(nn.Module):
+        def __init__(self, c=24):
+            super().__init__()
+            self.stem = nn.Conv2d(3, c, 4, stride=4)
+            self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+            self.ln = nn.LayerNorm(c)
+            self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+            self.down = nn.Conv2d(c, 2 * c, 2, stride=2)
+
+        def forward(self, x):
+            x = self.stem(x)
+            y = self.ln(self.dw(x).permute(0, 2, 3, 1))
+            y = self.fc2(nn.functional.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+            return self.down(x + y)
+
+    torch.manual_seed(0)
+    cm = _check(Block(), torch.randn(1, 3, 32, 32))
+    kinds = cm.manifest["build"]["kernels"]
+    assert kinds.get("conv") == 2 and kinds.get("dwconv") == 1
