@@ -311,3 +311,25 @@ def test_convs_in_an_nchw_model_still_use_the_blocked_kernels():
     cm = _check(Block(), torch.randn(1, 3, 32, 32))
     kinds = cm.manifest["build"]["kernels"]
     assert kinds.get("conv") == 2 and kinds.get("dwconv") == 1
+
+
+@pytest.mark.parametrize("op", ["relax.exp", "relax.erf", "relax.tanh", "relax.sigmoid"])
+def test_fast_math_polynomials_are_float32_accurate(op):
+    import math
+
+    import numpy as np
+    import tvm
+    from tvm import te
+
+    from slimfx.lowering.fast_math import FAST_MATH_OPS
+
+    ref = {"relax.exp": np.exp, "relax.erf": np.vectorize(math.erf), "relax.tanh": np.tanh,
+           "relax.sigmoid": lambda a: 1 / (1 + np.exp(-a))}[op]
+    a = np.linspace(-12, 12, 20001).astype("float32")
+    x = te.placeholder(a.shape, "float32", name="x")
+    lib = tvm.tirx.build(te.create_prim_func([x, FAST_MATH_OPS[op](x)]), target="llvm")
+    out = tvm.runtime.tensor(np.zeros_like(a))
+    lib(tvm.runtime.tensor(a), out)
+    want = ref(a.astype("float64"))
+    rel = np.abs(out.numpy() - want) / np.maximum(np.abs(want), 1e-30)
+    assert rel.max() < 1e-6  # float32 eps is 1.2e-7
