@@ -11,6 +11,7 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py --layers 256x14x3,256x7x3 --models ''   # some grid points
     python bench/fast_conv.py --layers 256x14x3 --packing --models ''  # U packed vs not
     python bench/fast_conv.py --fit        # also refit select-conv-algo's cost model
+    python bench/fast_conv.py --layers 64x56x3 --layouts  # Winograd blocked vs NCHW
 
 The header also prints the streaming floor: the F(4,3) GEMM kernel at one row reading a
 256-channel ``U`` (9.4 MB) and a 56.6 MB buffer (an FFT spectrum's size), and per layer the
@@ -202,6 +203,34 @@ def fit_model(measured: list) -> tuple[dict, list[list]]:
     return new, rows
 
 
+def bench_layouts(names, size: int, rounds: int, runs: int) -> list[list]:
+    """Whole models with ``select-conv-algo{by=model}``: Winograd in the blocked layout
+    (the default) vs in NCHW with layout transforms around each op
+    (``slimfx.lowering.fast_conv.BLOCKED``)."""
+    from slimfx.lowering import fast_conv as lf
+
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = zoo.get(name).eval()
+        x = torch.randn(1, 3, size, size)
+        graph = slimfx.run_pipeline(slimfx.capture(model, x),
+                                    "fold-bn,select-conv-algo{by=model},dce")
+        built = {}
+        for blocked in (True, False):
+            lf.BLOCKED = blocked
+            try:
+                built["blocked" if blocked else "nchw"] = slimfx.compile(
+                    graph, atol=fc.WINOGRAD_TOLERANCE[4], verbose=False)
+            finally:
+                lf.BLOCKED = True
+        ms = _time_rounds(built, x, rounds, runs)
+        rows.append([name, f"1x3x{size}x{size}", f"{ms['nchw']:.2f}", f"{ms['blocked']:.2f}",
+                     f"{ms['nchw'] / ms['blocked']:.2f}x"])
+        print(f"... {name}: " + ", ".join(f"{a} {v:.2f}" for a, v in ms.items()), flush=True)
+    return rows
+
+
 def bench_models(names, size: int, rounds: int, runs: int) -> list[list]:
     rows = []
     for name in names:
@@ -240,6 +269,8 @@ def main() -> None:
                     help="also time F(2,3)/F(4,3) with U packed vs unpacked (3x3 layers)")
     ap.add_argument("--models", default="resnet18,vgg11", help="zoo models ('' for none)")
     ap.add_argument("--size", type=int, default=112, help="model input height/width")
+    ap.add_argument("--layouts", action="store_true",
+                    help="also time the models with Winograd in the blocked layout vs in NCHW")
     ap.add_argument("--fit", action="store_true",
                     help="refit select-conv-algo's cost model (fast_conv.MODEL) to the layers")
     args = ap.parse_args()
@@ -256,8 +287,9 @@ def main() -> None:
     if fit:
         fc.MODEL.update(fit[0])  # the whole-model by=model rows below use the fitted model
     pack_rows = bench_packing(grid, args.rounds, args.runs) if args.packing else []
-    model_rows = bench_models([m for m in args.models.split(",") if m], args.size, args.rounds,
-                              args.runs)
+    names = [m for m in args.models.split(",") if m]
+    model_rows = bench_models(names, args.size, args.rounds, args.runs)
+    layout_rows = bench_layouts(names, args.size, args.rounds, args.runs) if args.layouts else []
     s_ms, s_gbps = stream_gbps(256, 256, args.rounds, args.runs)
     b_ms, b_gbps = stream_gbps(256, 6 * 256, args.rounds, args.runs)  # 56.6 MB: the FFT's size
     print(f"\ntarget host ({t.config['mcpu']}, {t.num_cores} cores, {t.vector_bits}-bit vectors), "
@@ -290,6 +322,11 @@ def main() -> None:
         print(format_table(["model", "input", "direct", "measure", "ratio", "choices",
                             "select s", "model", "ratio", "choices"], model_rows,
                            right={2, 3, 4, 6, 7, 8}))
+    if layout_rows:
+        print("\nWinograd's layout, whole model with select-conv-algo{by=model}, ms: NCHW with "
+              "layout transforms vs the blocked layout; ratio = NCHW / blocked")
+        print(format_table(["model", "input", "NCHW", "blocked", "ratio"], layout_rows,
+                           right={2, 3, 4}))
 
 
 if __name__ == "__main__":
