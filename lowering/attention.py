@@ -145,6 +145,18 @@ def _split_vector(sch, loop, lanes: int):
     return sch.split(loop, [None, vec])
 
 
+def _register_tile(sch, block, lanes: int) -> None:
+    """A block whose last loops are (query rows, columns, reduction): ROWS rows x one
+    vector of columns accumulated over the reduction, each loaded column vector feeding
+    ROWS FMAs."""
+    r, col, red = sch.get_loops(block)[-3:]
+    co, ci = _split_vector(sch, col, lanes)
+    sch.reorder(co, red, r, ci)
+    sch.unroll(r)
+    sch.vectorize(ci)
+    sch.decompose_reduction(block, red)
+
+
 def _schedule_attention(sch, block, lanes: int) -> None:
     # ops fused before or after the kernel (head split / merge): inlined into it
     own = {"attn_kt", "attn_vp", "attn_scores", "attn_max_lanes", "attn_max", "attn_shift",
@@ -183,13 +195,7 @@ def _schedule_attention(sch, block, lanes: int) -> None:
                  "attn_max_lanes", "attn_scores"):  # consumers first
         sch.compute_at(_block(sch, name), task)
     # scores: ROWS rows x one vector of keys in registers, reduction over the head dim
-    sc = _block(sch, "attn_scores")
-    r, j, d = sch.get_loops(sc)[-3:]
-    jo, ji = _split_vector(sch, j, lanes)
-    sch.reorder(jo, d, r, ji)
-    sch.unroll(r)
-    sch.vectorize(ji)
-    sch.decompose_reduction(sc, d)
+    _register_tile(sch, _block(sch, "attn_scores"), lanes)
     # lane-wise max / sum over key vectors, then across the lanes
     for name in ("attn_max_lanes", "attn_sum_lanes"):
         blk = _block(sch, name)
@@ -201,13 +207,7 @@ def _schedule_attention(sch, block, lanes: int) -> None:
     _, ji = _split_vector(sch, sch.get_loops(ex)[-1], lanes)
     sch.vectorize(ji)
     # softmax(S) V: ROWS rows x the value vectors in registers over the keys
-    out = _block(sch, "attn_out")
-    r, e, j = sch.get_loops(out)[-3:]
-    eo, ei = _split_vector(sch, e, lanes)
-    sch.reorder(eo, j, r, ei)
-    sch.unroll(r)
-    sch.vectorize(ei)
-    sch.decompose_reduction(out, j)
+    _register_tile(sch, _block(sch, ATTENTION_BLOCK), lanes)
 
 
 cs.ANCHOR_SCHEDULES["attn_kt"] = ("attention", _schedule_attention)
