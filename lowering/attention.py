@@ -35,14 +35,10 @@ ATTENTION_BLOCK = "attn_out"
 ROWS = 4
 
 
-def _ints(shape) -> list[int]:
-    return [int(s) for s in shape]
-
-
 def _attention_te(q, k, v, bias, scale, causal: str | None, lanes: int):
     from tvm import te, tirx, topi
 
-    b_, s_, h_, d_ = _ints(q.shape)
+    b_, s_, h_, d_ = cs._ints(q.shape)
     t_ = int(k.shape[1])
     dv = int(v.shape[3])
     sc = float(scale) if scale is not None else 1.0 / math.sqrt(d_)
@@ -78,7 +74,7 @@ def _attention_te(q, k, v, bias, scale, causal: str | None, lanes: int):
         x = score[b, h, i, j] * tirx.const(sc, "float32")
         if bias is not None:  # (B, H, S, T), size-1 dimensions broadcast
             idx = [b, h, tirx.min(i, s_ - 1), tirx.min(j, t_ - 1)]
-            x = x + bias[tuple(0 if n == 1 else ix for n, ix in zip(_ints(bias.shape), idx))]
+            x = x + bias[tuple(0 if n == 1 else ix for n, ix in zip(cs._ints(bias.shape), idx))]
         return x
 
     def masked(i, j, value, fill):
@@ -139,19 +135,13 @@ def _block(sch, name: str):
     raise KeyError(name)
 
 
-def _split_vector(sch, loop, lanes: int):
-    ext = cs._extent(sch, loop)
-    vec = lanes if ext % lanes == 0 else cs._largest_divisor(ext, lanes)
-    return sch.split(loop, [None, vec])
-
-
 def _register_tile(sch, block, lanes: int) -> None:
     """A block whose last loops are (query rows, columns, reduction): ROWS rows x one
     vector of columns accumulated over the reduction, each loaded column vector feeding
     ROWS FMAs."""
     r, col, red = sch.get_loops(block)[-3:]
-    co, ci = _split_vector(sch, col, lanes)
-    sch.reorder(co, red, r, ci)
+    co, ci = cs._vector_split(sch, col, lanes)
+    sch.reorder(*(lp for lp in (co, red, r, ci) if lp is not None))
     sch.unroll(r)
     sch.vectorize(ci)
     sch.decompose_reduction(block, red)
@@ -175,12 +165,12 @@ def _schedule_attention(sch, block, lanes: int) -> None:
         b = _block(sch, name)
         loops = sch.get_loops(b)
         sch.parallel(sch.fuse(*loops[:3]))
-        _, vi = _split_vector(sch, loops[3], lanes)
+        _, vi = cs._vector_split(sch, loops[3], lanes)
         sch.vectorize(vi)
     res = _block(sch, "attn_result")
     loops = sch.get_loops(res)
     sch.parallel(sch.fuse(*loops[:3]))
-    _, vi = _split_vector(sch, loops[3], lanes)
+    _, vi = cs._vector_split(sch, loops[3], lanes)
     sch.vectorize(vi)
     # the main loop: tasks of ROWS query rows of one head
     norm = _block(sch, "attn_norm")
@@ -188,7 +178,7 @@ def _schedule_attention(sch, block, lanes: int) -> None:
     io, ii = sch.split(i, [None, ROWS])
     task = sch.fuse(b, h, io)
     sch.parallel(task)
-    _, vi = _split_vector(sch, e, lanes)
+    _, vi = cs._vector_split(sch, e, lanes)
     sch.vectorize(vi)
     sch.compute_inline(_block(sch, "attn_shift"))  # into exp: logit - max, masked
     for name in ("attn_out", "attn_sum", "attn_sum_lanes", exp_name, "attn_max",
@@ -204,7 +194,7 @@ def _schedule_attention(sch, block, lanes: int) -> None:
         sch.vectorize(ln)
         sch.decompose_reduction(blk, jo)
     ex = _block(sch, exp_name)
-    _, ji = _split_vector(sch, sch.get_loops(ex)[-1], lanes)
+    _, ji = cs._vector_split(sch, sch.get_loops(ex)[-1], lanes)
     sch.vectorize(ji)
     # softmax(S) V: ROWS rows x the value vectors in registers over the keys
     _register_tile(sch, _block(sch, ATTENTION_BLOCK), lanes)

@@ -47,8 +47,8 @@ from typing import Any
 from .targets import LoweringError, TargetInfo
 
 __all__ = [
-    "ANCHOR_SCHEDULES", "LEGALIZATIONS", "POST_LAYOUT_PASSES", "CONV_BLOCK", "DWCONV_BLOCK", "PrepareOptions", "channel_block",
-    "prepare", "schedule",
+    "ANCHOR_SCHEDULES", "LEGALIZATIONS", "POST_LAYOUT_PASSES", "CONV_BLOCK", "DWCONV_BLOCK",
+    "PrepareOptions", "channel_block", "prepare", "schedule",
     "schedule_primfunc", "hand_schedule", "kernel_kind", "kernel_kinds", "lower_passes",
 ]
 
@@ -109,6 +109,24 @@ def channel_block(channels: int, lanes: int) -> int:
 
 def _lanes(info: TargetInfo) -> int:
     return max(4, info.vector_bits // 32)
+
+
+def _ints(shape) -> list[int]:
+    return [int(s) for s in shape]
+
+
+def _block_map(cb: int):
+    """``NCHW`` -> ``NCHW{cb}c``."""
+    from tvm import tirx
+
+    return tirx.IndexMap.from_func(lambda n, c, h, w: (n, c // cb, h, w, c % cb))
+
+
+def _unblock_map(cb: int):
+    """``NCHW{cb}c`` -> ``NCHW``."""
+    from tvm import tirx
+
+    return tirx.IndexMap.from_func(lambda n, c, h, w, b: (n, c * cb + b, h, w))
 
 
 def _shape(expr) -> list[int] | None:
@@ -370,8 +388,7 @@ def _block_nchw_convs_fn(mod, lanes: int):
             bi, bo = _blocked(data_l, "NCHW"), _blocked(out_l, "NCHW")
             a = call.attrs
             emit = self.builder_.emit
-            xb = emit(relax.op.layout_transform(
-                call.args[0], lambda n, c, h, w: (n, c // bi, h, w, c % bi)))
+            xb = emit(relax.op.layout_transform(call.args[0], _block_map(bi)))
             if int(a.groups) != 1:  # depthwise: (C, 1, kh, kw) -> (C / b, 1, kh, kw, 1, b)
                 wmap = lambda o, i, h, w: (o // bo, i, h, w, i, o % bo)  # noqa: E731
             else:
@@ -379,7 +396,7 @@ def _block_nchw_convs_fn(mod, lanes: int):
             wb = emit(relax.op.layout_transform(call.args[1], wmap))
             y = emit(relax.op.nn.conv2d(xb, wb, a.strides, a.padding, a.dilation, a.groups,
                                         data_l, kernel_l, out_l, a.out_dtype))
-            return relax.op.layout_transform(y, lambda n, c, h, w, b: (n, c * bo + b, h, w))
+            return relax.op.layout_transform(y, _unblock_map(bo))
 
     rw = Rewriter(mod)
     for gv, f in mod.functions.items():
@@ -448,6 +465,16 @@ def _largest_divisor(n: int, limit: int) -> int:
         if n % d == 0:
             return d
     return 1
+
+
+def _vector_split(sch, loop, lanes: int):
+    """Split ``loop`` into (outer, vector) with the vector as wide as ``lanes`` allows;
+    the outer loop is None when the vector is the whole loop."""
+    ext = _extent(sch, loop)
+    vec = lanes if ext % lanes == 0 else _largest_divisor(ext, lanes)
+    if vec == ext:
+        return None, loop
+    return sch.split(loop, [None, vec])
 
 
 def _blocks(sch):

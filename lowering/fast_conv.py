@@ -4,7 +4,8 @@ schedules for the CPU.
 Winograd F(m x m, 3 x 3) becomes three kernels (``alpha = m + 2``, ``P`` tiles):
 
 1. input transform: the input (``NCHW``, or the blocked ``NCHW{c}c`` of its producer:
-   :func:`blocked_winograd`) is padded into an ``NHWC`` buffer (channels contiguous), then ``V[(eps, nu), p, ci] = (B^T d_p B)[eps, nu]`` for every
+   :func:`blocked_winograd`) is padded into an ``NHWC`` buffer (channels contiguous),
+   then ``V[(eps, nu), p, ci] = (B^T d_p B)[eps, nu]`` for every
    ``alpha x alpha`` tile, all points of a tile unrolled with the constants of ``B``
    folded in, vectorized over input channels, parallel over tiles;
 2. transform-domain GEMM ``M[(eps, nu)] = V[(eps, nu)] @ U[(eps, nu)]`` (``P x Cin`` by
@@ -82,10 +83,6 @@ _ROLE = "slimfx.winograd"
 PACK_U = True
 
 
-def _ints(shape) -> list[int]:
-    return [int(s) for s in shape]
-
-
 def _select(matrix: np.ndarray, row, col: int):
     """``matrix[row, col]`` for a symbolic ``row`` and a constant ``col``: a Select chain
     that folds to a constant once ``row`` is unrolled."""
@@ -104,13 +101,13 @@ def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int):
     from tvm import te, tirx
 
     if len(x.shape) == 5:
-        n, cc, h, w, cb = _ints(x.shape)
+        n, cc, h, w, cb = cs._ints(x.shape)
         ci = cc * cb
 
         def load(b, c, y, xx):
             return x[b, c // cb, y, xx, c % cb]
     else:
-        n, ci, h, w = _ints(x.shape)
+        n, ci, h, w = cs._ints(x.shape)
 
         def load(b, c, y, xx):
             return x[b, c, y, xx]
@@ -148,16 +145,16 @@ def _batch_gemm_te(v, u, name: str = GEMM_BLOCK):
     """
     from tvm import te
 
-    bv, rows, k = _ints(v.shape)
+    bv, rows, k = cs._ints(v.shape)
     rk = te.reduce_axis((0, k), name="k")
     if len(u.shape) == 4:
-        bu, panels, _, nb = _ints(u.shape)
+        bu, panels, _, nb = cs._ints(u.shape)
         cols = panels * nb
 
         def ue(e, kk, j):
             return u[e if bu > 1 else 0, j // nb, kk, j % nb]
     else:
-        bu, _, cols = _ints(u.shape)
+        bu, _, cols = cs._ints(u.shape)
 
         def ue(e, kk, j):
             return u[e if bu > 1 else 0, kk, j]
@@ -214,8 +211,8 @@ def _lower_winograd(node, importer):
 
     x, u, bias, padding, tile = importer.retrieve_args(node)[:5]
     bb = importer.block_builder
-    n, ci, h, w = _ints(importer.shape_of(x))
-    alpha, _, co, _ = _ints(importer.shape_of(u))
+    n, ci, h, w = cs._ints(importer.shape_of(x))
+    alpha, _, co, _ = cs._ints(importer.shape_of(u))
     m = int(tile)
     r = alpha - m + 1
     if r != 3 or m not in (2, 4):
@@ -246,15 +243,6 @@ def _lower_winograd(node, importer):
 
 
 # --------------------------------------------------------------------------- winograd schedules
-def _vector_split(sch, loop, lanes: int):
-    """Split ``loop`` into (outer, vector) with the vector as wide as ``lanes`` allows."""
-    ext = cs._extent(sch, loop)
-    vec = lanes if ext % lanes == 0 else cs._largest_divisor(ext, lanes)
-    if vec == ext:
-        return None, loop
-    return sch.split(loop, [None, vec])
-
-
 def _schedule_input(sch, block, lanes: int) -> None:
     # Layout conversions of the producer are inlined into the NHWC pad copy.
     pad = None
@@ -269,12 +257,12 @@ def _schedule_input(sch, block, lanes: int) -> None:
         src = [r.source.shape for r in sch.get(pad).reads if len(r.source.shape) == 5]
         if src:  # a blocked input: vectors within one channel block (contiguous loads)
             lanes = cs._largest_divisor(int(src[0][4]), lanes)
-        co, ci = _vector_split(sch, c, lanes)
+        co, ci = cs._vector_split(sch, c, lanes)
         sch.reorder(*(lp for lp in (bl, y, x, co) if lp is not None), ci)
         sch.parallel(sch.fuse(bl, y))
         sch.vectorize(ci)
     e, p, c = sch.get_loops(block)
-    co, ci = _vector_split(sch, c, lanes)
+    co, ci = cs._vector_split(sch, c, lanes)
     if co is not None:
         sch.reorder(p, co, e, ci)
         sch.parallel(sch.fuse(p, co))
@@ -299,7 +287,7 @@ def _schedule_output(sch, block, lanes: int) -> None:
             co = sch.fuse(co, cb)
     elif len(loops) == 4:  # NCHW: vectorize a block of channels (strided stores)
         b, c, y, x = loops
-        co, ci = _vector_split(sch, c, lanes)
+        co, ci = cs._vector_split(sch, c, lanes)
     else:
         raise LoweringError(f"unexpected Winograd output kernel with {len(loops)} loops")
     yo, yi = sch.split(y, [None, m])
@@ -473,7 +461,7 @@ def dft_matrices(size: int, tile: int) -> dict[str, np.ndarray]:
 def _fft_tiles_te(x, size: int, tile: int, ph: int, pw: int, ho: int, wo: int):
     from tvm import te, tirx
 
-    n, ci, h, w = _ints(x.shape)
+    n, ci, h, w = cs._ints(x.shape)
     th, tw = -(-ho // tile), -(-wo // tile)
 
     def f(p, c, yy, xx):
@@ -489,7 +477,7 @@ def _fft_tiles_te(x, size: int, tile: int, ph: int, pw: int, ho: int, wo: int):
 def _fft_untile_te(z, bias, n: int, ho: int, wo: int):
     from tvm import te
 
-    p, co, tile, _ = _ints(z.shape)
+    p, co, tile, _ = cs._ints(z.shape)
     th, tw = -(-ho // tile), -(-wo // tile)
 
     def f(b, c, yy, xx):
@@ -513,8 +501,8 @@ def _fft_complex_gemm_te(v, w):
     """
     from tvm import te, tirx
 
-    q, p, ci2 = _ints(v.shape)
-    _, panels, ci, _, nb = _ints(w.shape)
+    q, p, ci2 = cs._ints(v.shape)
+    _, panels, ci, _, nb = cs._ints(w.shape)
     rk = te.reduce_axis((0, ci), name="k")
     rs = te.reduce_axis((0, 2), name="s")
 
@@ -547,7 +535,7 @@ def _fft_regroup_te(mm, size: int, half: int):
     ``[Mr | Mi]``)."""
     from tvm import te
 
-    _, p, panels, _, nb = _ints(mm.shape)
+    _, p, panels, _, nb = cs._ints(mm.shape)
     co = panels * nb
 
     def f(row, u, w):
@@ -562,7 +550,7 @@ def _fft_inverse_y_te(z, tile: int, half: int):
     ``zr = C Mr - S Mi``, ``zi = S Mr + C Mi``."""
     from tvm import te, tirx
 
-    p, co = _ints(z.shape)[:2]
+    p, co = cs._ints(z.shape)[:2]
 
     def f(t, c, y, w):
         v = w % half
@@ -580,12 +568,12 @@ def _lower_fft(node, importer):
     x, w_hat, bias, padding, kernel, tile = importer.retrieve_args(node)[:6]
     bb = importer.block_builder
     op = relax.op
-    n, ci, h, w = _ints(importer.shape_of(x))
-    _, size, half, _, co = _ints(importer.shape_of(w_hat))
+    n, ci, h, w = cs._ints(importer.shape_of(x))
+    _, size, half, _, co = cs._ints(importer.shape_of(w_hat))
     k, t = int(kernel), int(tile)
     if size != t + k - 1 or half != size // 2 + 1:
         raise LoweringError(f"node '{node.name}': spectrum of shape "
-                            f"{tuple(_ints(importer.shape_of(w_hat)))} does not fit tile {t} "
+                            f"{tuple(cs._ints(importer.shape_of(w_hat)))} does not fit tile {t} "
                             f"and kernel {k}")
     ph, pw = (int(p) for p in padding)
     ho, wo = h + 2 * ph - k + 1, w + 2 * pw - k + 1
@@ -630,18 +618,6 @@ _BINARY_OPS = frozenset({"relax.add", "relax.subtract", "relax.multiply", "relax
 _POOL_OPS = frozenset({"relax.nn.max_pool2d", "relax.nn.avg_pool2d"})
 
 
-def _block_map(cb: int):
-    from tvm import tirx
-
-    return tirx.IndexMap.from_func(lambda n, c, h, w: (n, c // cb, h, w, c % cb))
-
-
-def _unblock_map(cb: int):
-    from tvm import tirx
-
-    return tirx.IndexMap.from_func(lambda n, c, h, w, b: (n, c * cb + b, h, w))
-
-
 def _transform_block(call) -> tuple[str, int] | None:
     """``("block", cb)`` / ``("unblock", cb)`` for a ``layout_transform`` between ``NCHW``
     and ``NCHW{cb}c``; None for any other call."""
@@ -656,7 +632,7 @@ def _transform_block(call) -> tuple[str, int] | None:
         kind, cb = "unblock", src[4]
     else:
         return None
-    want = _block_map(cb) if kind == "block" else _unblock_map(cb)
+    want = cs._block_map(cb) if kind == "block" else cs._unblock_map(cb)
     if call.attrs.pad_value is not None or not call.attrs.index_map.is_equivalent_to(want):
         return None
     return kind, cb
@@ -681,6 +657,8 @@ def blocked_winograd(mod, lanes: int):
     import tvm
     from tvm import relax
 
+    if not BLOCKED:
+        return mod
     at_bt = {m: tuple(t.numpy().astype("float32") for t in winograd_matrices(m, 3))
              for m in (2, 4)}
 
@@ -738,7 +716,7 @@ def blocked_winograd(mod, lanes: int):
             its NCHW view, which dead-code elimination drops unless something uses it."""
             vb = blocked if isinstance(blocked, relax.Var) else \
                 self.builder_.emit(blocked, name_hint=binding.var.name + "_b")
-            v = self._emit(binding, relax.op.layout_transform(vb, _unblock_map(cb)))
+            v = self._emit(binding, relax.op.layout_transform(vb, cs._unblock_map(cb)))
             self.alias[v] = (vb, cb)
 
         def visit_var_binding_(self, binding) -> None:
@@ -782,15 +760,12 @@ def blocked_winograd(mod, lanes: int):
                     cb = wanted_block(binding.var, co)
                     if not cb or co % cb:
                         return False
-                    attrs = {"op_pattern": 4, _ROLE: "output_blocked", "slimfx.tile": m}
-                    if len(ins) > 1:
-                        vb = self.builder_.emit_te(
-                            lambda mt, b: _winograd_output_te(mt, b, at, n, ho, wo, cb), *ins,
-                            primfunc_name_hint="winograd_output", primfunc_attrs=attrs)
-                    else:
-                        vb = self.builder_.emit_te(
-                            lambda mt: _winograd_output_te(mt, None, at, n, ho, wo, cb), *ins,
-                            primfunc_name_hint="winograd_output", primfunc_attrs=attrs)
+                    vb = self.builder_.emit_te(  # (M, bias) or (M,)
+                        lambda mt, *b: _winograd_output_te(mt, b[0] if b else None, at, n, ho,
+                                                           wo, cb), *ins,
+                        primfunc_name_hint="winograd_output",
+                        primfunc_attrs={"op_pattern": 4, _ROLE: "output_blocked",
+                                        "slimfx.tile": m})
                     self._emit_blocked(binding, vb, cb)
                     return True
                 return False
@@ -828,8 +803,6 @@ def blocked_winograd(mod, lanes: int):
                 return True
             return False
 
-    if not BLOCKED:
-        return mod
     rw = Rewriter()
     for gv, f in mod.functions.items():
         if isinstance(f, relax.Function):

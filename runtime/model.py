@@ -96,17 +96,16 @@ class Profile:
         """A text table: kernel, calls, ms, share of the run; ``top`` rows at most."""
         from slimfx.ir.printing import format_table
 
-        rows = [[k.name, str(k.calls), f"{k.ms:.3f}", f"{100 * k.ms / self.total_ms:.1f}%",
-                 k.shapes] for k in self.kernels[:top]]
+        def row(name, calls, ms, shapes=""):
+            return [name, str(calls), f"{ms:.3f}", f"{100 * ms / self.total_ms:.1f}%", shapes]
+
+        rows = [row(k.name, k.calls, k.ms, k.shapes) for k in self.kernels[:top]]
         rest = self.kernels[top:] if top is not None else ()
         if rest:
-            ms = sum(k.ms for k in rest)
-            rows.append([f"({len(rest)} more kernels)", str(sum(k.calls for k in rest)),
-                         f"{ms:.3f}", f"{100 * ms / self.total_ms:.1f}%", ""])
-        rows.append(["(between kernels)", "", f"{self.overhead_ms:.3f}",
-                     f"{100 * self.overhead_ms / self.total_ms:.1f}%", ""])
-        rows.append(["total", str(sum(k.calls for k in self.kernels)), f"{self.total_ms:.3f}",
-                     "100%", ""])
+            rows.append(row(f"({len(rest)} more kernels)", sum(k.calls for k in rest),
+                            sum(k.ms for k in rest)))
+        rows.append(row("(between kernels)", "", self.overhead_ms))
+        rows.append(row("total", sum(k.calls for k in self.kernels), self.total_ms))
         return format_table(["kernel", "calls", "ms", "share", "argument shapes"], rows)
 
     def __str__(self) -> str:
