@@ -386,15 +386,15 @@ _FILL_TOLERANCE = 0.02
 
 def _fill(plan: _Plan, flat: list, metric: Callable[[set[int]], float], limit: float,
           first: set[int]) -> set[int]:
-    """A removal closer to the budget than ``first``, the first prefix of the global order
-    that meets it.
+    """A removal closer to the budget than ``first``, the first prefix of the strategy's
+    order (global: scores; uniform: fractions of each group) that meets it.
 
     With ``round_to`` a group loses channels in quanta (a 16-wide group at ``round_to=8``
     can only halve), and the plain prefix overshoots the budget by whole quanta
-    (``tests/test_prune.py``: resnet18(width=16) asked for 0.4x lands below 0.3x).  This walks the same
-    lowest-score-first order, but when a quantum would cross the budget it records that
-    removal, leaves the group at its width and goes on with the other groups; the
-    candidate that meets the budget with the most MACs (parameters) left wins.
+    (``tests/test_prune.py``: resnet18(width=16) asked for 0.4x lands below 0.3x; uniform
+    ratios move every group at once and overshoot further).  This walks the same order,
+    but when a quantum would cross the budget it records that removal, leaves the group at
+    its width and goes on with the other groups; the candidate that meets the budget with the most MACs (parameters) left wins.
     """
     counts = [0] * len(plan.groups)
     frozen: set[int] = set()
@@ -429,6 +429,11 @@ def select_channels(ca: ChannelAnalysis, opts: PruneOptions, *, data=None,
     sizes = [len(g.sets) for g in plan.groups]
 
     if opts.strategy == "uniform":
+        # The fill's order: every group's channels (lowest score first) interleaved by the
+        # fraction of the group each removal reaches, so the groups advance together.
+        flat = sorted(((rank + 1) / sizes[gi], gi, rank) for gi in range(n_groups)
+                      for rank in range(sizes[gi]))
+
         def removal_at(frac: float) -> set[int]:
             return _removal(plan, [int(round(frac * n)) for n in sizes])
         domain = 1.0
@@ -464,7 +469,7 @@ def select_channels(ca: ChannelAnalysis, opts: PruneOptions, *, data=None,
                 else:
                     lo = mid
             removed = best
-            if opts.strategy == "global" and metric(best) < (1 - _FILL_TOLERANCE) * target * base:
+            if metric(best) < (1 - _FILL_TOLERANCE) * target * base:
                 removed = _fill(plan, flat, metric, target * base, best)
     per_group = {g.index: (len(g.sets) - sum(s in removed for s in g.sets), len(g.sets))
                  for g in plan.groups}
