@@ -37,6 +37,9 @@ aten = torch.ops.aten
 
 #: Ops that keep a model out of the blocked layouts (``cpu_schedules.blocked_layout_supported``
 #: tests their Relax forms): padding channels would not buy vectors there.
+#: ``compile(exec_mode=...)``: TVM's VM interprets the kernel sequence or runs it compiled.
+EXEC_MODES = ("bytecode", "compiled")
+
 _NO_BLOCKED_LAYOUT_OPS = frozenset({aten.layer_norm.default, aten.group_norm.default})
 
 
@@ -70,7 +73,8 @@ def _auto_pad(graph: Graph, info: TargetInfo) -> tuple[Graph, dict[str, Any] | N
 
 
 def build_relax(mod, target: TargetInfo, *, fast: bool = True, tune: TuneOptions | None = None,
-                log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
+                log: Callable[[str], None] = print,
+                exec_mode: str = "bytecode") -> tuple[Any, dict[str, Any]]:
     """Build a Relax module (from :func:`to_relax`) for ``target``; the one place TVM builds.
 
     With ``fast`` (the default) on an LLVM target, the module goes through
@@ -91,7 +95,7 @@ def build_relax(mod, target: TargetInfo, *, fast: bool = True, tune: TuneOptions
         if not fast or target.kind != "llvm":
             if tune is not None and tune.trials > 0:
                 raise LoweringError("tuning needs the fast lowering (fast=True) and an LLVM target")
-            return relax.build(mod, target=target.tvm()), facts
+            return relax.build(mod, target=target.tvm(), exec_mode=exec_mode), facts
         import tvm
 
         t0 = time.perf_counter()
@@ -107,7 +111,8 @@ def build_relax(mod, target: TargetInfo, *, fast: bool = True, tune: TuneOptions
         facts["kernels"] = {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))}
         facts["schedule_s"] = round(time.perf_counter() - t0, 3)
         mod = tvm.ir.transform.Sequential(cpu_schedules.lower_passes(target))(mod)
-        return relax.build(mod, target=target.tvm(), relax_pipeline=None), facts
+        return relax.build(mod, target=target.tvm(), relax_pipeline=None,
+                           exec_mode=exec_mode), facts
     except LoweringError:
         raise
     except Exception as e:  # TVM raises many error types
@@ -135,7 +140,8 @@ def compile_graph(model: Graph | torch.nn.Module, example_inputs=None, *, target
                   pipeline: str | None = None, example_kwargs: dict | None = None,
                   check: bool = True, atol: float = 1e-4, fast: bool = True, tune: int = 0,
                   records: str | Path | None = None, tune_options: TuneOptions | None = None,
-                  pad_channels: bool = True, verbose: bool = True) -> CompiledModel:
+                  pad_channels: bool = True, exec_mode: str = "bytecode",
+                  verbose: bool = True) -> CompiledModel:
     """Lower and build a graph (or a model, captured first) for ``target``.
 
     Parameters
@@ -176,9 +182,17 @@ def compile_graph(model: Graph | torch.nn.Module, example_inputs=None, *, target
         ``compiled.manifest["build"]["pad_channels"]``.  ``False`` keeps the widths.
         Models with LayerNorm / GroupNorm (kept in NCHW) are never padded, and a graph
         the pass fails on is compiled as it is.
+    exec_mode:
+        How the virtual machine runs the model's sequence of kernel calls: ``"bytecode"``
+        (interpreted; :meth:`~slimfx.runtime.CompiledModel.profile` can time each kernel)
+        or ``"compiled"`` (the sequence compiled to machine code with the kernels: less
+        time between kernels, which matters on small models; no per-kernel profile).
+        ``bench/exec_mode.py``.
     verbose:
         Print tuning progress.
     """
+    if exec_mode not in EXEC_MODES:
+        raise LoweringError(f"exec_mode must be one of {', '.join(EXEC_MODES)}, got {exec_mode!r}")
     info = resolve_target(target)
     if isinstance(model, torch.nn.Module):
         if example_inputs is None and not example_kwargs:
@@ -206,11 +220,11 @@ def compile_graph(model: Graph | torch.nn.Module, example_inputs=None, *, target
     t0 = time.perf_counter()
     ex, facts = build_relax(prog.mod, info, fast=fast,
                             tune=opts if opts.records is not None else None,
-                            log=print if verbose else (lambda _msg: None))
+                            log=print if verbose else (lambda _msg: None), exec_mode=exec_mode)
     build_s = time.perf_counter() - t0
     manifest = _manifest(graph, prog, info, expected)
     manifest["build"] = {"import_s": round(import_s, 3), "build_s": round(build_s, 3),
-                         "fast": fast and info.kind == "llvm",
+                         "fast": fast and info.kind == "llvm", "exec_mode": exec_mode,
                          **({"pad_channels": padded} if padded else {}),
                          **{k: v for k, v in facts.items() if k != "transform_params"}}
     if facts["transform_params"]:

@@ -269,6 +269,11 @@ class CompiledModel:
                                 "(use benchmark())")
         if repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {repeat}")
+        if self.manifest.get("build", {}).get("exec_mode") == "compiled":
+            raise ArtifactError("profile() times the kernel calls of the interpreted VM; this "
+                                "model was built with exec_mode='compiled', whose calls cannot "
+                                "be instrumented (rebuild with exec_mode='bytecode', the "
+                                "default, to profile it)")
         if not inputs:
             inputs = tuple(np.zeros(s.shape, dtype=s.dtype) for s in self.inputs)
         self._set_inputs(inputs)

@@ -145,7 +145,8 @@ def _cmd_compile(args) -> int:
     model, inputs = _model_and_inputs(args)
     compiled = slimfx.compile(model, inputs, target=args.target, pipeline=args.pipeline,
                               tune=args.tune, records=args.records,
-                              pad_channels=not args.no_pad_channels)
+                              pad_channels=not args.no_pad_channels,
+                              exec_mode=args.exec_mode)
     path = compiled.save(args.output)
     m = compiled.manifest
     print(f"built {m['name']} for {m['target_name']} ({m['target'].get('mtriple', m['target']['kind'])}, "
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tuning records folder: reused, and written to when tuning")
     p.add_argument("--no-pad-channels", action="store_true",
                    help="keep channel widths as they are (no automatic pad-channels)")
+    p.add_argument("--exec-mode", choices=["bytecode", "compiled"], default="bytecode",
+                   help="VM kernel sequence interpreted (default; `run --profile` works) or "
+                        "compiled to machine code (less overhead on small models)")
     p.add_argument("--load", action="append", metavar="MODULE",
                    help="import a module that registers custom passes (repeatable)")
     p.set_defaults(func=_cmd_compile)

@@ -13,6 +13,7 @@ import torch
 from conftest import ConvBnRelu, randomize_bn
 
 import slimfx
+from slimfx.lowering import LoweringError
 from slimfx.runtime import ArtifactError, InputError, load, rpc, set_num_threads
 
 
@@ -60,6 +61,20 @@ def test_profile_names_every_kernel_and_sums_to_the_run(compiled):
     assert "more kernels" in text and "total" in text and convs[0].name in str(prof)
     with pytest.raises(ValueError, match="repeat"):
         compiled.profile(repeat=0)
+
+
+def test_compiled_exec_mode_runs_saves_and_refuses_to_profile(model, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    c = slimfx.compile(model, x, pipeline="fold-bn,dce", exec_mode="compiled")
+    assert c.manifest["build"]["exec_mode"] == "compiled" and c.parity["max_abs_error"] < 1e-4
+    torch.testing.assert_close(c(x), model(x), atol=1e-5, rtol=1e-5)
+    again = load(c.save(tmp_path / "compiled_vm"))
+    torch.testing.assert_close(again(x), model(x), atol=1e-5, rtol=1e-5)
+    assert again.benchmark(x, repeat=2).runs == 2
+    with pytest.raises(ArtifactError, match="exec_mode='compiled'"):
+        again.profile(x)
+    with pytest.raises(LoweringError, match="exec_mode must be one of bytecode, compiled"):
+        slimfx.compile(model, x, exec_mode="jit")
 
 
 def test_profile_detaches_its_instrument(compiled, monkeypatch):
@@ -245,9 +260,10 @@ def test_cli_compile_passes_tuning_and_padding_options(tmp_path, monkeypatch, ca
     args = ["compile", "slimfx.zoo:small_resnet", "--input-shape", "1,3,16,16", "-o",
             str(tmp_path / "a")]
     assert main(args + ["--tune", "8", "--records", str(tmp_path / "rec"),
-                        "--no-pad-channels"]) == 2
+                        "--no-pad-channels", "--exec-mode", "compiled"]) == 2
     assert "stop here" in capsys.readouterr().err
     assert seen["tune"] == 8 and seen["records"] == str(tmp_path / "rec")
-    assert seen["pad_channels"] is False
+    assert seen["pad_channels"] is False and seen["exec_mode"] == "compiled"
     main(args)
     assert seen["tune"] == 0 and seen["records"] is None and seen["pad_channels"] is True
+    assert seen["exec_mode"] == "bytecode"
