@@ -26,28 +26,40 @@ __all__ = ["LEGALIZE_TVM"]
 aten = torch.ops.aten
 
 
-def _is_bool(n) -> bool:
-    # Nodes made during this rewrite have no analysis yet; they are the float masks.
-    info = n.meta.get("slimfx") if isinstance(n, torch.fx.Node) else None
-    return info is not None and info.dtype == torch.bool
+def _info(n):
+    # Nodes made during this rewrite have no analysis yet; none of them is a mask we match.
+    return n.meta.get("slimfx") if isinstance(n, torch.fx.Node) else None
 
 
-def _float_mask(rw, sdpa, q, mask):
-    # TVM accepts only additive float masks: True (attend) -> 0, False -> -inf.
-    dtype = q.meta["slimfx"].dtype
-    zero = rw.call(aten.scalar_tensor.default, 0.0, dtype=dtype)
-    ninf = rw.call(aten.scalar_tensor.default, float("-inf"), dtype=dtype)
-    additive = rw.call(aten.where.self, mask, zero, ninf)
+def _mask_to_fix(mask, q) -> bool:
+    """A boolean mask, or one of fewer dimensions than ``q`` (TVM takes only 4-D biases)."""
+    m, qi = _info(mask), _info(q)
+    if m is None or qi is None or m.shape is None or qi.shape is None:
+        return False
+    return m.dtype == torch.bool or len(m.shape) < len(qi.shape) == 4
+
+
+def _legal_mask(rw, sdpa, q, mask):
+    # TVM accepts only additive float masks of the query's rank: True (attend) -> 0,
+    # False -> -inf; leading unit dimensions added as broadcasting would add them.
+    if _info(mask).dtype == torch.bool:
+        dtype = _info(q).dtype
+        zero = rw.call(aten.scalar_tensor.default, 0.0, dtype=dtype)
+        ninf = rw.call(aten.scalar_tensor.default, float("-inf"), dtype=dtype)
+        mask = rw.call(aten.where.self, mask, zero, ninf)
+    for _ in range(len(_info(q).shape) - len(_info(sdpa.args[3]).shape)):
+        mask = rw.call(aten.unsqueeze.default, mask, 0)
     args = list(sdpa.args)
-    args[3] = additive
+    args[3] = mask
     return rw.call(aten.scaled_dot_product_attention.default, *args, **sdpa.kwargs)
 
 
 LEGALIZE_TVM = Rules([
-    # scaled_dot_product_attention(q, k, v, bool_mask) -> sdpa(q, k, v, where(mask, 0, -inf))
+    # sdpa(q, k, v, mask) with a boolean or lower-rank mask
+    #   -> sdpa(q, k, v, unsqueeze(where(mask, 0, -inf)))
     (P(aten.scaled_dot_product_attention.default, P.var("q"), P.any(), P.any(),
-       P.var("mask", where=_is_bool), name="sdpa"),
-     _float_mask),
+       P.var("mask"), name="sdpa", where=lambda n: _mask_to_fix(n.args[3], n.args[0])),
+     _legal_mask),
 ])
 
 

@@ -264,6 +264,30 @@ def test_attention_kernel_matches_pytorch(s, t, heads, dim, dv, causal, mask):
     torch.testing.assert_close(cm(q2, k2, v2), model(q2, k2, v2), atol=2e-6, rtol=1e-5)
 
 
+class _MaskedSelfAttention(nn.Module):
+    def forward(self, q, mask):
+        return nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((6, 6), torch.bool), ((6, 6), torch.float32),  # TVM's importer takes only 4-D biases:
+    ((2, 6, 6), torch.float32), ((2, 1, 6), torch.bool),  # legalize-tvm adds the unit dims
+    ((1, 2, 6, 6), torch.bool),
+])
+def test_attention_masks_of_any_rank_and_dtype(shape, dtype):
+    torch.manual_seed(0)
+
+    def mask():
+        if dtype == torch.bool:  # the diagonal stays True: no row masked entirely (NaN)
+            return (torch.rand(shape) > 0.4) | torch.eye(6, dtype=torch.bool)[:shape[-2]]
+        return torch.randn(shape)
+
+    model = _MaskedSelfAttention().eval()
+    cm = slimfx.compile(model, (torch.randn(1, 2, 6, 8), mask()), pipeline="")
+    q, m = torch.randn(1, 2, 6, 8), mask()  # new values, so the mask is read at run time
+    torch.testing.assert_close(cm(q, m), model(q, m), atol=2e-6, rtol=1e-5)
+
+
 class _Exps(nn.Module):
     def forward(self, x):
         return torch.exp(x - 3) + torch.erf(x)
