@@ -196,12 +196,6 @@ def _uniform_block(mod, lanes: int) -> int | None:
     return b
 
 
-def _layout_callback(info: TargetInfo, mod=None):
-    lanes = _lanes(info)
-    uniform = _uniform_block(mod, lanes) if mod is not None else None
-    return _layout_callback_lanes(uniform if uniform is not None else lanes)
-
-
 def _layout_callback_lanes(lanes: int):
     def cb(call) -> dict[str, list[str]]:
         if call.op.name != "relax.nn.conv2d":
@@ -220,7 +214,13 @@ def _layout_callback_lanes(lanes: int):
                                         f"NCHW{cb_out}c"]}
         if groups == cin == cout:  # depthwise, multiplier 1
             return {"relax.nn.conv2d": [f"NCHW{cb_out}c", f"OIHW1i{cb_out}o", f"NCHW{cb_out}c"]}
-        return {}  # other grouped convolutions stay NCHW
+        cb_in = channel_block(cin, lanes)
+        if (cout // groups) % cb_out == 0 and (cin // groups) % cb_in == 0:  # blocks within groups
+            return {"relax.nn.conv2d": [f"NCHW{cb_in}c", f"OIHW{cb_in}i{cb_out}o",
+                                        f"NCHW{cb_out}c"]}
+        # Plain NCHW, said explicitly: left to infer, TVM 0.27 takes the neighbours' blocked
+        # layout and fails ("Layouts must have the same size").
+        return {"relax.nn.conv2d": ["NCHW", "OIHW", "NCHW"]}
 
     return cb
 
@@ -236,7 +236,7 @@ def _blocked(layout: str, base: str) -> int | None:
         return None
 
 
-def _conv_nchwc_te(data, kernel, strides, padding, dilation, depthwise: bool):
+def _conv_nchwc_te(data, kernel, strides, padding, dilation, depthwise: bool, groups: int = 1):
     from tvm import te, topi
 
     n, icc, ih, iw, icb = (int(s) for s in data.shape)
@@ -257,12 +257,19 @@ def _conv_nchwc_te(data, kernel, strides, padding, dilation, depthwise: bool):
                 data[b, c, y * sh + rh * dh, x * sw + rw * dw, cc] * kernel[c, 0, rh, rw, 0, cc],
                 axis=[rh, rw]),
             name=DWCONV_BLOCK)
-    rc = te.reduce_axis((0, icc), name="icc")
+    # grouped: output chunk c reads the kicc input chunks of its group, c // (occ / groups)
+    rc = te.reduce_axis((0, kicc), name="icc")
     rb = te.reduce_axis((0, icb), name="icb")
+    per_group = occ // groups
+
+    def chunk(c):
+        return rc if groups == 1 else c // per_group * kicc + rc
+
     return te.compute(
         (n, occ, oh, ow, ocb),
         lambda b, c, y, x, cc: te.sum(
-            data[b, rc, y * sh + rh * dh, x * sw + rw * dw, rb] * kernel[c, rc, rh, rw, rb, cc],
+            data[b, chunk(c), y * sh + rh * dh, x * sw + rw * dw, rb]
+            * kernel[c, rc, rh, rw, rb, cc],
             axis=[rc, rh, rw, rb]),
         name=CONV_BLOCK)
 
@@ -282,13 +289,13 @@ def legalize_conv2d(bb, call):
             or not a.kernel_layout.startswith("OIHW")):
         raise LoweringError(f"relax.nn.conv2d with layouts {a.data_layout}/{a.kernel_layout}/"
                             f"{a.out_layout} has no slimfx legalization")
-    if depthwise and not (weight[1] == 1 and weight[4] == 1 and groups == data[1] * data[4]
-                          and ib == ob):
+    depthwise = depthwise and weight[1] == 1 and weight[4] == 1 and groups == data[1] * data[4]
+    if groups != 1 and not depthwise and not (data[1] % groups == 0 and weight[0] % groups == 0
+                                              and weight[1] * groups == data[1]):
         raise LoweringError(f"grouped relax.nn.conv2d (groups={groups}, data {data}, weight "
-                            f"{weight}) in a blocked layout: only depthwise convolutions are "
-                            "supported")
+                            f"{weight}) in a blocked layout: a channel block straddles groups")
     return bb.call_te(_conv_nchwc_te, call.args[0], call.args[1], a.strides, a.padding,
-                      a.dilation, depthwise,
+                      a.dilation, depthwise, 1 if depthwise else groups,
                       primfunc_name_hint="dwconv2d_nchwc" if depthwise else "conv2d_nchwc")
 
 
@@ -307,15 +314,19 @@ def prepare(mod, info: TargetInfo, options: PrepareOptions | None = None):
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
     lanes = _lanes(info)
     if opts.blocked_layout and info.kind == "llvm" and blocked_layout_supported(mod):
+        block_lanes = _uniform_block(mod, lanes) or lanes
         passes.append(_make_clip_pass())
-        passes.append(relax.transform.ConvertLayout({}, _layout_callback(info, mod)))
+        passes.append(tvm.ir.transform.module_pass(
+            lambda m, _ctx: _merge_groups_fn(m, block_lanes), opt_level=0,
+            name="SlimfxMergeGroups"))
+        passes.append(relax.transform.ConvertLayout({}, _layout_callback_lanes(block_lanes)))
         for fn in POST_LAYOUT_PASSES:
             passes.append(tvm.ir.transform.module_pass(
                 lambda m, _ctx, fn=fn: fn(m, lanes), opt_level=0, name=fn.__name__))
     elif opts.blocked_layout and info.kind == "llvm":
         passes.append(tvm.ir.transform.module_pass(
-            lambda m, _ctx: _block_nchw_convs_fn(m, lanes), opt_level=0,
-            name="SlimfxBlockNchwConvs"))
+            lambda m, _ctx: _block_nchw_convs_fn(_merge_groups_fn(m, lanes), lanes),
+            opt_level=0, name="SlimfxBlockNchwConvs"))
     if opts.lift_params:
         passes.append(relax.transform.LiftTransformParams())
         passes.append(_make_untuple_pass())
@@ -364,6 +375,68 @@ def _clip_to_min_max_fn(mod, _ctx=None):
     return mod
 
 
+#: A grouped convolution whose groups are narrower than the channel block is merged into
+#: fewer, block-diagonal groups when that multiplies its MACs by at most this.
+MAX_GROUP_MERGE = 4
+
+
+def _group_merge(cin: int, cout: int, groups: int, lanes: int) -> int:
+    """How many neighbouring groups to merge so that channel blocks never straddle one
+    (1: none needed; 0: not possible within ``MAX_GROUP_MERGE``)."""
+    cb_in, cb_out = channel_block(cin, lanes), channel_block(cout, lanes)
+    for k in range(1, min(groups, MAX_GROUP_MERGE) + 1):
+        if groups % k == 0 and (k * cout // groups) % cb_out == 0 and (k * cin // groups) % cb_in == 0:
+            return k
+    return 0
+
+
+def _merge_groups_fn(mod, lanes: int):
+    """Grouped convolutions with groups narrower than a channel block (RegNet's width-8
+    groups, ResNeXt's width-4 ones) -> fewer groups with block-diagonal weights.
+
+    A vector of output channels must read one group's inputs (the input is broadcast);
+    merging ``k`` groups computes ``k`` times the MACs, zeros included, in the blocked
+    kernel, where the alternative is TVM's plain NCHW loops and a layout change on each
+    side.  The weight expansion is weight-only and moves to load time.
+    """
+    import numpy as np
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", None) != "relax.nn.conv2d":
+                return call
+            a = call.attrs
+            data, weight = _shape(call.args[0]), _shape(call.args[1])
+            groups = int(a.groups)
+            if (groups == 1 or data is None or weight is None or a.data_layout != "NCHW"
+                    or a.kernel_layout != "OIHW" or groups == data[1] == weight[0]):
+                return call
+            cout, cin_g, kh, kw = weight
+            k = _group_merge(data[1], cout, groups, lanes)
+            if k <= 1:
+                return call
+            g2, cout_g = groups // k, cout // groups
+            emit = self.builder_.emit
+            w = emit(relax.op.reshape(call.args[1], (g2, k, cout_g, 1, cin_g, kh, kw)))
+            eye = np.eye(k, dtype=weight_dtype(call)).reshape(1, k, 1, k, 1, 1, 1)
+            w = emit(relax.op.multiply(w, relax.const(eye)))  # (g2, k, cout_g, k, cin_g, kh, kw)
+            w = emit(relax.op.reshape(w, (cout, k * cin_g, kh, kw)))
+            return relax.op.nn.conv2d(call.args[0], w, a.strides, a.padding, a.dilation, g2,
+                                      a.data_layout, a.kernel_layout, a.out_layout, a.out_dtype)
+
+    def weight_dtype(call) -> str:
+        return str(call.args[1].ty.dtype)
+
+    rw = Rewriter(mod)
+    for gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(f))
+    return rw.builder_.get()
+
+
 def _block_nchw_convs_fn(mod, lanes: int):
     """Convolutions left in ``NCHW`` -> the blocked convolution between two layout transforms.
 
@@ -386,10 +459,12 @@ def _block_nchw_convs_fn(mod, lanes: int):
                 return call
             data_l, kernel_l, out_l = layouts
             bi, bo = _blocked(data_l, "NCHW"), _blocked(out_l, "NCHW")
+            if bi is None or bo is None:
+                return call  # a grouped convolution that stays NCHW
             a = call.attrs
             emit = self.builder_.emit
             xb = emit(relax.op.layout_transform(call.args[0], _block_map(bi)))
-            if int(a.groups) != 1:  # depthwise: (C, 1, kh, kw) -> (C / b, 1, kh, kw, 1, b)
+            if kernel_l.startswith("OIHW1i"):  # depthwise: (C, 1, kh, kw) -> (C/b, 1, kh, kw, 1, b)
                 wmap = lambda o, i, h, w: (o // bo, i, h, w, i, o % bo)  # noqa: E731
             else:
                 wmap = lambda o, i, h, w: (o // bo, i // bi, h, w, i % bi, o % bo)  # noqa: E731

@@ -109,6 +109,15 @@ def _hf_models():
             depth_multiplier=0.35, image_size=64, num_labels=10)), img64, {}),
         "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
             hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)), img64, {}),
+        # grouped convolutions, 8 channels per group
+        "regnet": (lambda: T.RegNetForImageClassification(T.RegNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1],
+            groups_width=8, num_labels=10)), img64, {}),
+        # depthwise convs, squeeze-excite, SiLU; the base model: the classification head
+        # pools a 2x2 map with a hidden_dim-wide window, and its logits are all zero here
+        "efficientnet": (lambda: T.EfficientNetModel(T.EfficientNetConfig(
+            image_size=64, width_coefficient=0.25, depth_coefficient=0.3, hidden_dim=320)),
+            img64, {}),
         "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             image_size=32, patch_size=8, num_labels=10)), (torch.randn(1, 3, 32, 32),), {}),

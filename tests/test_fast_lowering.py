@@ -39,7 +39,9 @@ CONVS = {
     "no-padding": (16, 16, 3, 1, 0, 1, 1, 13),
     "depthwise": (32, 32, 3, 1, 1, 1, 32, 9),
     "depthwise-stride2-odd": (24, 24, 3, 2, 1, 1, 24, 11),
-    "grouped": (16, 32, 3, 1, 1, 1, 4, 8),  # stays NCHW (generic schedule)
+    "grouped": (32, 64, 3, 1, 1, 1, 2, 8),  # 16 -> 32 channels per group: blocked as is
+    "grouped-narrow": (32, 32, 3, 2, 1, 1, 4, 9),  # 8 per group: pairs merged
+    "grouped-tiny": (32, 32, 3, 1, 1, 1, 16, 8),  # 2 per group: stays NCHW
 }
 
 
@@ -50,10 +52,24 @@ def test_conv_matches_pytorch(name):
     model = nn.Sequential(nn.Conv2d(cin, cout, k, s, p, d, groups=g), nn.ReLU())
     cm = _check(model, torch.randn(1, cin, size, size))
     kinds = cm.manifest["build"]["kernels"]
-    if g == 1:
-        assert kinds.get("conv", 0) == 1
-    elif g == cin:
+    if g == cin:
         assert kinds.get("dwconv", 0) == 1
+    else:
+        assert kinds.get("conv", 0) == (0 if name == "grouped-tiny" else 1)
+
+
+@pytest.mark.parametrize("groups", [2, 4, 16])
+def test_grouped_conv_between_blocked_convs(groups):
+    """RegNet / ResNeXt blocks: a grouped 3x3 between blocked 1x1 convs.  With no layout
+    for it TVM 0.27 failed to build ("Layouts must have the same size"); now groups of 16
+    run blocked, groups of 8 merge in pairs (block-diagonal weights), and groups of 2 run
+    in NCHW between layout transforms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1, groups=groups), nn.ReLU(),
+                          nn.Conv2d(32, 16, 1)).eval()
+    cm = _check(model, torch.randn(1, 16, 10, 10))
+    assert cm.manifest["build"]["kernels"].get("conv", 0) == (2 if groups == 16 else 3)
 
 
 def test_inverted_residual_relu6_stays_blocked():
