@@ -15,6 +15,7 @@ PyTorch and ONNX Runtime here.
     python bench/latency.py                                  # every model, no tuning
     python bench/latency.py --models resnet18,small_resnet --trials 256 --records tuning/
     python bench/latency.py --models small_resnet --rounds 3 --no-batch8
+    python bench/latency.py --models "" --hf regnet_y_400mf,efficientnet_b0 --no-batch8
 """
 
 from __future__ import annotations
@@ -46,6 +47,57 @@ SIZES = {"resnet18": 224, "resnet50": 224, "vgg11": 224, "mobilenet_v2": 224,
 #: The pipeline of the fast-conv and tuned builds.
 FAST_PIPELINE = "fold-bn,select-conv-algo{by=model},dce"
 CNNS = ("resnet18", "resnet50", "vgg11", "mobilenet_v2", "densenet", "small_resnet")
+
+
+class _Tensor(torch.nn.Module):
+    """A transformers model returning one tensor (``logits`` or ``last_hidden_state``).
+
+    Its convolutions and linears are re-initialized (Kaiming normal) and its BatchNorm
+    statistics estimated on random images: with transformers' std-0.02 initialization
+    and unit running variances the activations of a deep network shrink layer after layer
+    into subnormal floats, which every runner computes 10-100x slower (EfficientNet-B0:
+    260-300 ms in eager, ONNX Runtime and slimfx alike, instead of a few ms).
+    """
+
+    def __init__(self, model: torch.nn.Module, field: str, size: int = 224):
+        super().__init__()
+        self.model, self.field = model, field
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # a plain average over the batches below
+        model.train()
+        with torch.no_grad():
+            for _ in range(2):
+                model(pixel_values=torch.randn(4, 3, size, size))
+        model.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model(pixel_values=x), self.field)
+
+
+def _regnet_y_400mf():
+    from transformers import RegNetConfig, RegNetForImageClassification
+
+    return _Tensor(RegNetForImageClassification(RegNetConfig(
+        embedding_size=32, hidden_sizes=[48, 104, 208, 440], depths=[1, 3, 6, 6],
+        groups_width=8, layer_type="y")), "logits")
+
+
+def _efficientnet_b0():
+    from transformers import EfficientNetConfig, EfficientNetModel
+
+    # the base model: the classification head's pooling is degenerate at random weights
+    return _Tensor(EfficientNetModel(EfficientNetConfig(
+        width_coefficient=1.0, depth_coefficient=1.0, image_size=224, hidden_dim=1280)),
+        "last_hidden_state")
+
+
+#: Third-party architectures (``--hf``), random weights from a config (no download):
+#: RegNetY-400MF (grouped convolutions, 8 channels per group), EfficientNet-B0.
+HF = {"regnet_y_400mf": _regnet_y_400mf, "efficientnet_b0": _efficientnet_b0}
 
 
 def gemm_gflops(n: int = 2048, runs: int = 5) -> float:
@@ -89,10 +141,10 @@ def _ort_session(model: torch.nn.Module, x: torch.Tensor, folder: str):
 
 
 def bench_model(name: str, batch: int, args) -> tuple[list[str], list[str]]:
-    size = args.size or SIZES[name]
+    size = args.size or SIZES.get(name, 224)
     torch.manual_seed(0)
     kw = {"image_size": size} if name == "vit" else {}
-    model = zoo.get(name, **kw).eval()
+    model = (HF[name]() if name in HF else zoo.get(name, **kw)).eval()
     x = torch.randn(batch, 3, size, size)
     log = []
     runners: dict[str, Callable[[], list[float]]] = {}
@@ -154,6 +206,8 @@ def bench_model(name: str, batch: int, args) -> tuple[list[str], list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(zoo.ZOO), help="comma-separated zoo names")
+    ap.add_argument("--hf", default="", help="comma-separated third-party models: "
+                    + ", ".join(HF) + " (needs transformers)")
     ap.add_argument("--size", type=int, default=0, help="input side for every model "
                     "(default: realistic per model, e.g. 224; small_resnet 56)")
     ap.add_argument("--trials", type=int, default=0, help="MetaSchedule budget per model")
@@ -173,7 +227,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(host_target().num_cores)
     args.gemm = gemm_gflops()
-    jobs = [(m, 1) for m in args.models.split(",") if m]
+    jobs = [(m, 1) for m in [*args.models.split(","), *args.hf.split(",")] if m]
     if args.batch8 and not args.no_batch8:
         jobs.append((args.batch8, 8))
     rows = []

@@ -311,7 +311,9 @@ def prepare(mod, info: TargetInfo, options: PrepareOptions | None = None):
 
     opts = options or PrepareOptions()
     t = info.tvm()
-    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+              tvm.ir.transform.module_pass(_fold_pad_into_conv_fn, opt_level=0,
+                                           name="SlimfxFoldPadIntoConv")]
     lanes = _lanes(info)
     if opts.blocked_layout and info.kind == "llvm" and blocked_layout_supported(mod):
         block_lanes = _uniform_block(mod, lanes) or lanes
@@ -388,6 +390,46 @@ def _group_merge(cin: int, cout: int, groups: int, lanes: int) -> int:
         if groups % k == 0 and (k * cout // groups) % cb_out == 0 and (k * cin // groups) % cb_in == 0:
             return k
     return 0
+
+
+def _fold_pad_into_conv_fn(mod, _ctx=None):
+    """``conv2d(pad(x, zeros))`` -> ``conv2d(x)`` with the pad in its own (asymmetric) padding.
+
+    TensorFlow-style "same" padding of strided convolutions (transformers' EfficientNet:
+    ``ZeroPad2d((0, 1, 0, 1))`` before each stride-2 depthwise conv) is otherwise a
+    separate pass over the feature map in NCHW plus a layout change before the conv
+    (EfficientNet-B0: 3.7 ms of a 17.5 ms profile).  The pad itself stays for any other
+    user and is dropped when none is left.
+    """
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", None) != "relax.nn.conv2d" or call.attrs.data_layout != "NCHW":
+                return call
+            src = call.args[0]
+            pad = self.lookup_binding(src) if isinstance(src, relax.Var) else None
+            if getattr(getattr(pad, "op", None), "name", None) != "relax.nn.pad":
+                return call
+            pa = pad.attrs
+            w = [int(v) for v in pa.pad_width]
+            if (pa.pad_mode != "constant" or float(pa.pad_value) != 0.0 or len(w) != 8
+                    or any(w[:4]) or min(w) < 0):
+                return call
+            t, left, b, r = (int(v) for v in call.attrs.padding)
+            a = call.attrs
+            return relax.op.nn.conv2d(pad.args[0], call.args[1], a.strides,
+                                      [t + w[4], left + w[6], b + w[5], r + w[7]], a.dilation,
+                                      a.groups, a.data_layout, a.kernel_layout, a.out_layout,
+                                      a.out_dtype)
+
+    rw = Rewriter(mod)
+    for gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(f))
+    return relax.transform.DeadCodeElimination()(rw.builder_.get())
 
 
 def _merge_groups_fn(mod, lanes: int):

@@ -58,6 +58,36 @@ def test_conv_matches_pytorch(name):
         assert kinds.get("conv", 0) == (0 if name == "grouped-tiny" else 1)
 
 
+class _SamePadded(nn.Module):
+    """TensorFlow-style "same" padding before a strided depthwise conv (EfficientNet)."""
+
+    def __init__(self, also_return_pad: bool):
+        super().__init__()
+        self.also = also_return_pad
+        self.c = nn.Conv2d(16, 16, 1)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.dw = nn.Conv2d(16, 16, 3, 2, padding=0, groups=16)
+
+    def forward(self, x):
+        p = self.pad(torch.relu(self.c(x)))
+        return (self.dw(p), p) if self.also else self.dw(p)
+
+
+@pytest.mark.parametrize("also_return_pad", [False, True])
+def test_zero_pad_folds_into_the_conv(also_return_pad):
+    torch.manual_seed(0)
+    model = _SamePadded(also_return_pad).eval()
+    x = torch.randn(1, 16, 12, 12)
+    cm = slimfx.compile(model, x)
+    y = torch.randn(1, 16, 12, 12)
+    got, ref = cm(y), model(y)
+    for a, b in zip(*((got, ref) if also_return_pad else ((got,), (ref,)))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    kernels = [k.name for k in cm.profile(x, repeat=1).kernels]
+    # no pass over the map of its own unless the padded map is itself an output
+    assert any("pad" in k and "conv" not in k for k in kernels) == also_return_pad
+
+
 @pytest.mark.parametrize("groups", [2, 4, 16])
 def test_grouped_conv_between_blocked_convs(groups):
     """RegNet / ResNeXt blocks: a grouped 3x3 between blocked 1x1 convs.  With no layout
