@@ -95,9 +95,18 @@ def _efficientnet_b0():
         "last_hidden_state")
 
 
+def _convnext_tiny():
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    return _Tensor(ConvNextForImageClassification(ConvNextConfig(
+        hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])), "logits")
+
+
 #: Third-party architectures (``--hf``), random weights from a config (no download):
-#: RegNetY-400MF (grouped convolutions, 8 channels per group), EfficientNet-B0.
-HF = {"regnet_y_400mf": _regnet_y_400mf, "efficientnet_b0": _efficientnet_b0}
+#: RegNetY-400MF (grouped convolutions, 8 channels per group), EfficientNet-B0,
+#: ConvNeXt-T (layer norms: the model stays NCHW, its convolutions blocked one by one).
+HF = {"regnet_y_400mf": _regnet_y_400mf, "efficientnet_b0": _efficientnet_b0,
+      "convnext_tiny": _convnext_tiny}
 
 
 def gemm_gflops(n: int = 2048, runs: int = 5) -> float:
