@@ -108,7 +108,7 @@ def _attention_te(q, k, v, bias, scale, causal: str | None, lanes: int):
 
 def legalize_attention(info):
     """The legalization of ``relax.nn.attention`` / ``attention_bias`` for target ``info``."""
-    lanes = cs._lanes(info)
+    lanes = cs.vector_lanes(info)
 
     def legalize(bb, call):
         from tvm.relax.transform.legalize_ops import nn as tvm_nn

@@ -52,7 +52,7 @@ def _auto_pad(graph: Graph, info: TargetInfo) -> tuple[Graph, dict[str, Any] | N
     scalar code).  Widths that are multiples of half a vector are otherwise left as they
     are: MobileNetV2's 24 -> 32 ran 0.89x as fast, the extra MACs cost more than the
     wider vectors gave."""
-    lanes = cpu_schedules._lanes(info)  # the width the blocked layouts use
+    lanes = cpu_schedules.vector_lanes(info)  # the width the blocked layouts use
     nodes = list(graph.fx.nodes)
     if any(n.target in _NO_BLOCKED_LAYOUT_OPS for n in nodes):
         return graph, None

@@ -107,7 +107,8 @@ def channel_block(channels: int, lanes: int) -> int:
     return b
 
 
-def _lanes(info: TargetInfo) -> int:
+def vector_lanes(info: TargetInfo) -> int:
+    """float32 lanes of the target's vectors (16 with AVX-512, 8 with AVX2, 4 with NEON)."""
     return max(4, info.vector_bits // 32)
 
 
@@ -314,11 +315,11 @@ def prepare(mod, info: TargetInfo, options: PrepareOptions | None = None):
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
               tvm.ir.transform.module_pass(_fold_pad_into_conv_fn, opt_level=0,
                                            name="SlimfxFoldPadIntoConv")]
+    lanes = vector_lanes(info)
     if info.kind == "llvm" and PACK_MATMUL_WEIGHTS:
         passes.append(tvm.ir.transform.module_pass(
-            lambda m, _ctx: _pack_matmul_weights_fn(m, _lanes(info)), opt_level=0,
+            lambda m, _ctx: _pack_matmul_weights_fn(m, lanes), opt_level=0,
             name="SlimfxPackMatmulWeights"))
-    lanes = _lanes(info)
     if opts.blocked_layout and info.kind == "llvm" and blocked_layout_supported(mod):
         block_lanes = _uniform_block(mod, lanes) or lanes
         passes.append(_make_clip_pass())
@@ -968,7 +969,7 @@ def kernel_kind(func) -> str:
 def _hand_schedule(func, info: TargetInfo):
     from tvm import s_tir
 
-    lanes = _lanes(info)
+    lanes = vector_lanes(info)
     sch = s_tir.Schedule(func)
     kind, block = _anchor(sch)
     try:

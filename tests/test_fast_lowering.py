@@ -83,7 +83,7 @@ def test_linear_weights_are_packed_in_panels():
     shapes = {k.name: k.shapes for k in cm.profile(x, y, repeat=1).kernels}
     packed = [n for n in shapes if "matmul_packed" in n]
     assert len(packed) == 2, shapes
-    lanes = cs._lanes(host_target())
+    lanes = cs.vector_lanes(host_target())
 
     def panels(k, n):  # two vectors of columns where they divide N, else one
         p = 2 * lanes if n % (2 * lanes) == 0 else lanes

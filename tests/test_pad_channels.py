@@ -243,10 +243,10 @@ def test_compile_pads_automatically_unless_told_not_to():
 
 
 def test_compile_pads_odd_widths_but_not_half_vectors_without_concat():
-    from slimfx.lowering.cpu_schedules import _lanes
+    from slimfx.lowering.cpu_schedules import vector_lanes
     from slimfx.lowering.targets import resolve_target
 
-    lanes = _lanes(resolve_target("host"))
+    lanes = vector_lanes(resolve_target("host"))
     x = torch.randn(1, 3, 6, 6)
     half = nn.Sequential(nn.Conv2d(3, 3 * lanes // 2, 3), nn.ReLU(), nn.Conv2d(3 * lanes // 2, 8, 1))
     assert "pad_channels" not in slimfx.compile(half, x).manifest["build"]
