@@ -35,11 +35,11 @@ __all__ = ["compile_graph", "build_relax"]
 
 aten = torch.ops.aten
 
-#: Ops that keep a model out of the blocked layouts (``cpu_schedules.blocked_layout_supported``
-#: tests their Relax forms): padding channels would not buy vectors there.
 #: ``compile(exec_mode=...)``: TVM's VM interprets the kernel sequence or runs it compiled.
 EXEC_MODES = ("bytecode", "compiled")
 
+#: Ops that keep a model out of the blocked layouts (``cpu_schedules.blocked_layout_supported``
+#: tests their Relax forms): padding channels would not buy vectors there.
 _NO_BLOCKED_LAYOUT_OPS = frozenset({aten.layer_norm.default, aten.group_norm.default})
 
 

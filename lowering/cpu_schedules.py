@@ -215,8 +215,8 @@ def _layout_callback_lanes(lanes: int):
                                         f"NCHW{cb_out}c"]}
         if groups == cin == cout:  # depthwise, multiplier 1
             return {"relax.nn.conv2d": [f"NCHW{cb_out}c", f"OIHW1i{cb_out}o", f"NCHW{cb_out}c"]}
-        cb_in = channel_block(cin, lanes)
-        if (cout // groups) % cb_out == 0 and (cin // groups) % cb_in == 0:  # blocks within groups
+        if _group_merge(cin, cout, groups, lanes) == 1:  # no channel block straddles groups
+            cb_in = channel_block(cin, lanes)
             return {"relax.nn.conv2d": [f"NCHW{cb_in}c", f"OIHW{cb_in}i{cb_out}o",
                                         f"NCHW{cb_out}c"]}
         # Plain NCHW, said explicitly: left to infer, TVM 0.27 takes the neighbours' blocked
@@ -291,7 +291,7 @@ def legalize_conv2d(bb, call):
         raise LoweringError(f"relax.nn.conv2d with layouts {a.data_layout}/{a.kernel_layout}/"
                             f"{a.out_layout} has no slimfx legalization")
     depthwise = depthwise and weight[1] == 1 and weight[4] == 1 and groups == data[1] * data[4]
-    if groups != 1 and not depthwise and not (data[1] % groups == 0 and weight[0] % groups == 0
+    if groups != 1 and not depthwise and not (weight[0] % groups == 0
                                               and weight[1] * groups == data[1]):
         raise LoweringError(f"grouped relax.nn.conv2d (groups={groups}, data {data}, weight "
                             f"{weight}) in a blocked layout: a channel block straddles groups")
@@ -382,6 +382,17 @@ def _clip_to_min_max_fn(mod, _ctx=None):
     return mod
 
 
+def _rewrite_functions(mod, rw):
+    """The module with every Relax function of ``mod`` passed through the expression
+    mutator ``rw`` (its block builder collects the results)."""
+    from tvm import relax
+
+    for gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(f))
+    return rw.builder_.get()
+
+
 #: A grouped convolution whose groups are narrower than the channel block is merged into
 #: fewer, block-diagonal groups when that multiplies its MACs by at most this.
 MAX_GROUP_MERGE = 4
@@ -430,11 +441,7 @@ def _fold_pad_into_conv_fn(mod, _ctx=None):
                                       a.groups, a.data_layout, a.kernel_layout, a.out_layout,
                                       a.out_dtype)
 
-    rw = Rewriter(mod)
-    for gv, f in mod.functions.items():
-        if isinstance(f, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(f))
-    return relax.transform.DeadCodeElimination()(rw.builder_.get())
+    return relax.transform.DeadCodeElimination()(_rewrite_functions(mod, Rewriter(mod)))
 
 
 PACKED_MATMUL_BLOCK = "matmul_packed"
@@ -491,16 +498,14 @@ def _pack_matmul_weights_fn(mod, lanes: int):
             wp = self.builder_.emit(relax.op.layout_transform(
                 call.args[1], tirx.IndexMap.from_func(lambda k, j: (j // pw, k, j % pw))))
             return self.builder_.call_te(_packed_matmul_te, call.args[0], wp,
-                                         primfunc_name_hint="matmul_packed")
+                                         primfunc_name_hint=PACKED_MATMUL_BLOCK)
 
-    for gv, f in list(mod.functions.items()):
-        if not isinstance(f, relax.Function):
-            continue
-        n_in = int(f.attrs["num_input"]) if f.attrs and "num_input" in f.attrs else len(f.params)
-        rw = Rewriter(mod, set(f.params[n_in:]))
-        rw.builder_.update_func(gv, rw.visit_expr(f))
-        mod = rw.builder_.get()
-    return mod
+    weights = set()  # parameters after each function's num_input inputs
+    for f in mod.functions.values():
+        if isinstance(f, relax.Function):
+            n_in = int(f.attrs["num_input"]) if f.attrs and "num_input" in f.attrs else len(f.params)
+            weights.update(f.params[n_in:])
+    return _rewrite_functions(mod, Rewriter(mod, weights))
 
 
 def _merge_groups_fn(mod, lanes: int):
@@ -534,20 +539,13 @@ def _merge_groups_fn(mod, lanes: int):
             g2, cout_g = groups // k, cout // groups
             emit = self.builder_.emit
             w = emit(relax.op.reshape(call.args[1], (g2, k, cout_g, 1, cin_g, kh, kw)))
-            eye = np.eye(k, dtype=weight_dtype(call)).reshape(1, k, 1, k, 1, 1, 1)
+            eye = np.eye(k, dtype=str(call.args[1].ty.dtype)).reshape(1, k, 1, k, 1, 1, 1)
             w = emit(relax.op.multiply(w, relax.const(eye)))  # (g2, k, cout_g, k, cin_g, kh, kw)
             w = emit(relax.op.reshape(w, (cout, k * cin_g, kh, kw)))
             return relax.op.nn.conv2d(call.args[0], w, a.strides, a.padding, a.dilation, g2,
                                       a.data_layout, a.kernel_layout, a.out_layout, a.out_dtype)
 
-    def weight_dtype(call) -> str:
-        return str(call.args[1].ty.dtype)
-
-    rw = Rewriter(mod)
-    for gv, f in mod.functions.items():
-        if isinstance(f, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(f))
-    return rw.builder_.get()
+    return _rewrite_functions(mod, Rewriter(mod))
 
 
 def _block_nchw_convs_fn(mod, lanes: int):
@@ -586,11 +584,7 @@ def _block_nchw_convs_fn(mod, lanes: int):
                                         data_l, kernel_l, out_l, a.out_dtype))
             return relax.op.layout_transform(y, _unblock_map(bo))
 
-    rw = Rewriter(mod)
-    for gv, f in mod.functions.items():
-        if isinstance(f, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(f))
-    return rw.builder_.get()
+    return _rewrite_functions(mod, Rewriter(mod))
 
 
 def _make_clip_pass():
@@ -859,36 +853,21 @@ def _schedule_matmul(sch, block, lanes: int) -> bool:
     if vec < 4:
         return False
     nv = 2 if (j_ext // vec) % 2 == 0 else 1
-    if batch and _shared_weight(sch, block):
-        # x (..., K) @ W (K, N), e.g. ConvNeXt's MLP on (1, 14, 14, C): up to 8 rows x 2
-        # vectors of accumulators, and the weight panel (K x 2 vectors) outside the rows,
-        # so it stays in cache while every row tile uses it.  (1, 14, 14, 384) x
-        # (384, 1536) with rows of 2 and the whole weight streamed per row tile ran at
-        # 27 GFLOP/s.
-        ri = _largest_divisor(i_ext, 8)
-        io, ii = sch.split(i, [None, ri])
-        jo, jv, ji = sch.split(j, [None, nv, vec])
-        sch.reorder(jo, *batch, io, k, ii, jv, ji)
-        acc = sch.cache_write(block, 0, _ACC_SCOPE)
-        sch.reverse_compute_at(acc, io)
-        _tile_epilogue(sch, acc, io, lanes)
-        par = sch.fuse(jo, *batch, io)
-        sch.parallel(par)
-        lp = sch.get_loops(block)
-        sch.vectorize(lp[-1])
-        sch.unroll(lp[-2])
-        sch.unroll(lp[-3])
-        sch.vectorize(sch.get_loops(acc)[-1])
-        _decompose(sch, block, k)
-        return True
-    ri = _largest_divisor(i_ext, 4)
+    # x (..., K) @ W (K, N) with every batch sharing W (ConvNeXt's MLP on (1, 14, 14, C)):
+    # up to 8 rows x 2 vectors of accumulators, and the weight panel (K x 2 vectors)
+    # outside the rows, so it stays in cache while every row tile uses it ((1, 14, 14,
+    # 384) x (384, 1536) with rows of 2 and the whole weight streamed per row tile ran at
+    # 27 GFLOP/s).  Otherwise up to 4 rows, row tiles outside.
+    shared = bool(batch) and _shared_weight(sch, block)
+    ri = _largest_divisor(i_ext, 8 if shared else 4)
     io, ii = sch.split(i, [None, ri])
     jo, jv, ji = sch.split(j, [None, nv, vec])
-    sch.reorder(*batch, io, jo, k, ii, jv, ji)
+    outer = [jo, *batch, io] if shared else [*batch, io, jo]
+    sch.reorder(*outer, k, ii, jv, ji)
     acc = sch.cache_write(block, 0, _ACC_SCOPE)
-    sch.reverse_compute_at(acc, jo)
-    _tile_epilogue(sch, acc, jo, lanes)
-    par = sch.fuse(*batch, io, jo)
+    sch.reverse_compute_at(acc, outer[-1])
+    _tile_epilogue(sch, acc, outer[-1], lanes)
+    par = sch.fuse(*outer)
     sch.parallel(par)
     lp = sch.get_loops(block)
     sch.vectorize(lp[-1])

@@ -803,11 +803,7 @@ def blocked_winograd(mod, lanes: int):
                 return True
             return False
 
-    rw = Rewriter()
-    for gv, f in mod.functions.items():
-        if isinstance(f, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(f))
-    return relax.transform.DeadCodeElimination()(rw.builder_.get())
+    return relax.transform.DeadCodeElimination()(cs._rewrite_functions(mod, Rewriter()))
 
 
 cs.POST_LAYOUT_PASSES.append(blocked_winograd)

@@ -394,7 +394,8 @@ def _fill(plan: _Plan, flat: list, metric: Callable[[set[int]], float], limit: f
     (``tests/test_prune.py``: resnet18(width=16) asked for 0.4x lands below 0.3x; uniform
     ratios move every group at once and overshoot further).  This walks the same order,
     but when a quantum would cross the budget it records that removal, leaves the group at
-    its width and goes on with the other groups; the candidate that meets the budget with the most MACs (parameters) left wins.
+    its width and goes on with the other groups; the candidate that meets the budget with
+    the most MACs (parameters) left wins.
     """
     counts = [0] * len(plan.groups)
     frozen: set[int] = set()
