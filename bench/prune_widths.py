@@ -12,6 +12,7 @@ Rows ``1+pad(g)``: the ``round_to=1`` model then ``pad-channels{multiple=16,max_
 can padding recover the speed that odd widths lose, after the fact?
 
     python bench/prune_widths.py [--keep 0.5,0.33] [--rounds 7] [--pad 1.5,3]
+                                 [--exec-mode bytecode|compiled]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from prune_accuracy import DigitResNet, conv_widths  # noqa: E402
 
 import slimfx  # noqa: E402
 from slimfx.ir.printing import format_table  # noqa: E402
+from slimfx.lowering.build import EXEC_MODES  # noqa: E402
 
 
 def main() -> None:
@@ -39,6 +41,8 @@ def main() -> None:
                          "round_to=1 model ('' for none)")
     ap.add_argument("--rounds", type=int, default=7, help="alternating benchmark rounds")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--exec-mode", default="bytecode", choices=EXEC_MODES,
+                    help="compile(exec_mode=...) of every model (bench/exec_mode.py)")
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
@@ -56,7 +60,8 @@ def main() -> None:
                         g, f"pad-channels{{multiple=16,max_growth={mg}}}")
                     rows.append((keep, f"1+pad({mg})", padded))
     # pad_channels=False: slimfx.compile would otherwise pad the odd widths itself.
-    models = [slimfx.compile(g, target="host", pipeline="fold-bn,dce", pad_channels=False)
+    models = [slimfx.compile(g, target="host", pipeline="fold-bn,dce", pad_channels=False,
+                             exec_mode=args.exec_mode)
               for *_, g in rows]
     times: list[list[float]] = [[] for _ in rows]
     for k in range(args.rounds):
@@ -73,7 +78,7 @@ def main() -> None:
                       " ".join(map(str, widths))])
     print(f"DigitResNet 1x1x28x28, prune-channels{{criterion=random}}; latency: median of "
           f"{args.rounds} alternating rounds of benchmark(repeat=10, number=20) medians, "
-          f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}")
+          f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, exec_mode={args.exec_mode}")
     print(format_table(["MACs kept (asked)", "round_to", "MACs ratio", "latency ms", "lat ratio",
                         "speed eff", "layer widths"], table, right={2, 3, 4, 5}))
 

@@ -630,8 +630,15 @@ def lower_passes(info: TargetInfo):
     """The Relax passes after scheduling (dataflow lowering, memory planning, VM lowering)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from .workspace import persistent_workspace
+
     t = info.tvm()
-    return cpu.dataflow_lower_passes(t) + cpu.finalize_passes(t)
+    final = cpu.finalize_passes(t)
+    # planned intermediates allocated once at load time (workspace.py): right after the plan
+    plan = [i for i, p in enumerate(final) if p.info.name == "StaticPlanBlockMemory"]
+    if plan:
+        final.insert(plan[0] + 1, persistent_workspace())
+    return cpu.dataflow_lower_passes(t) + final
 
 
 # --------------------------------------------------------------------------- schedules
