@@ -910,6 +910,63 @@ def _schedule_reduction(sch, block, lanes: int) -> None:
         sch.parallel(outer)
 
 
+def _schedule_row_reduction(sch, lanes: int) -> bool:
+    """Kernels that reduce each row over its last, contiguous axis and then use the results
+    element-wise on the same row: layer norm (sum, then sum of squared deviations), softmax
+    (max, then sum of exponentials), RMS norm.
+
+    Rows run in parallel; each reduction is computed at its row, a vector of ``lanes``
+    partial sums walking the row (``rfactor``) then reduced to one, and the output row is
+    written in vectors.  The generic schedule ran these serially with the reduction
+    vectorized across rows (strided gathers): a ConvNeXt layer norm of 56x56x96 took about
+    1 ms.  Returns False, leaving ``sch`` untouched, where the kernel is not of this form.
+    """
+    blocks = _blocks(sch)
+    out = blocks[-1]
+    reductions = [b for b in blocks if "R" in _iter_kinds(sch, b)]
+    if not reductions or "R" in _iter_kinds(sch, out):
+        return False
+    extents = [_extent(sch, lp) for lp in sch.get_loops(out)]
+    n = len(extents)
+    if n < 2 or extents[-1] is None or extents[-1] % lanes:
+        return False
+    for r in reductions:  # rows x one reduced axis: the output's rows (and unit axes of a
+        kinds = _iter_kinds(sch, r)  # keepdim reduction), the output's row length
+        ext = [_extent(sch, lp) for lp in sch.get_loops(r)]
+        if kinds[-1] != "R" or "R" in kinds[:-1] or len(ext) != len(kinds) \
+                or [e for e in ext[:-1] if e != 1] != [e for e in extents[:-1] if e != 1] \
+                or ext[-1] != extents[-1]:
+            return False
+    if not all(b in reductions or b == out or _is_spatial_inlinable(sch, b) for b in blocks):
+        return False
+    for b in blocks:
+        if b not in reductions and b != out:
+            sch.compute_inline(b)
+    loops = sch.get_loops(out)
+    rows = sch.fuse(*loops[:-1]) if n > 2 else loops[0]
+    _, vec = sch.split(loops[-1], [None, lanes])
+    sch.vectorize(vec)
+    partial = []
+    for r in reversed(reductions):  # consumers first: each lands inside the row loop
+        _, ki = sch.split(sch.get_loops(r)[-1], [None, lanes])
+        # the lanes' partial sums (lanes last in their buffer); r then adds the lanes up
+        rf = sch.rfactor(ki, len(sch.get(r).iter_vars) - 1)
+        sch.compute_at(r, rows)
+        sch.compute_at(rf, rows)  # -> (row, lane, chunk)
+        lane, chunk = sch.get_loops(rf)[-2:]
+        sch.reorder(chunk, lane)
+        sch.vectorize(lane)
+        partial.append(rf)
+    sch.parallel(rows)
+    for rf in partial:  # the partial sums' zeroing before their chunk loop
+        _decompose(sch, rf, sch.get_loops(rf)[-2])
+    return True
+
+
+def _is_spatial_inlinable(sch, block) -> bool:
+    return "R" not in _iter_kinds(sch, block) and sch.get(block).init is None
+
+
 def _schedule_generic(sch, lanes: int) -> None:
     for b in _blocks(sch):
         if "R" in _iter_kinds(sch, b):
@@ -970,6 +1027,13 @@ def _hand_schedule(func, info: TargetInfo):
                 return sch, kind
     except Exception:  # noqa: BLE001, S110  (falls back to the generic schedule below)
         pass
+    if kind == "generic":
+        sch = s_tir.Schedule(func)
+        try:
+            if _schedule_row_reduction(sch, lanes):
+                return sch, "row-reduction"
+        except Exception:  # noqa: BLE001, S110  (the generic schedule below)
+            pass
     sch = s_tir.Schedule(func)
     _schedule_generic(sch, lanes)
     return sch, "generic"

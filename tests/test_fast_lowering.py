@@ -490,3 +490,40 @@ def test_intermediates_are_allocated_once(monkeypatch):
             ref = model(xi)
         for o, r in zip(outs, ref):
             torch.testing.assert_close(torch.from_numpy(o.numpy()), r, atol=1e-4, rtol=1e-4)
+
+
+class _RowOps(nn.Module):
+    def __init__(self, op: str, dim: int):
+        super().__init__()
+        self.op = op
+        self.norm = nn.LayerNorm(dim) if op == "layer_norm" else nn.RMSNorm(dim)
+        with torch.no_grad():
+            self.norm.weight.normal_()
+            if op == "layer_norm":
+                self.norm.bias.normal_()
+
+    def forward(self, x):
+        return torch.softmax(3 * x, -1) if self.op == "softmax" else self.norm(x)
+
+
+@pytest.mark.parametrize("op,shape,kind", [
+    ("layer_norm", (1, 7, 5, 48), "row-reduction"),  # ConvNeXt's channels-last norm
+    ("layer_norm", (2, 9, 64), "row-reduction"),  # a transformer's tokens
+    ("softmax", (3, 11, 32), "row-reduction"),
+    ("rms_norm", (4, 80), "row-reduction"),
+    ("layer_norm", (3, 20), "generic"),  # rows shorter than... not a multiple of a vector
+])
+def test_row_reductions_match_pytorch(op, shape, kind):
+    """Reductions over each row's last axis followed by element-wise use of the results on
+    the row (layer norm, softmax, RMS norm) get the row schedule (rows parallel, partial
+    sums in vectors), and match PyTorch."""
+    torch.manual_seed(0)
+    lanes = cs.vector_lanes(host_target())
+    if kind == "row-reduction" and shape[-1] % lanes:
+        pytest.skip(f"rows of {shape[-1]} are not whole vectors of {lanes}")
+    model = _RowOps(op, shape[-1]).eval()
+    cm = _check(model, torch.randn(shape), pipeline="")
+    kinds = cm.manifest["build"]["kernels"]
+    assert kinds.get(kind, 0) >= 1, kinds
+    if kind == "generic":
+        assert "row-reduction" not in kinds
