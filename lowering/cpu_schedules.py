@@ -548,6 +548,10 @@ def _merge_groups_fn(mod, lanes: int):
     return _rewrite_functions(mod, Rewriter(mod))
 
 
+#: ``_block_nchw_convs_fn``: depthwise convolutions of models kept in NCHW run channels-last.
+NHWC_DEPTHWISE = True
+
+
 def _block_nchw_convs_fn(mod, lanes: int):
     """Convolutions left in ``NCHW`` -> the blocked convolution between two layout transforms.
 
@@ -556,6 +560,12 @@ def _block_nchw_convs_fn(mod, lanes: int):
     TVM's plain convolution, 20-40x slower than the blocked one; converting the activations
     at each such convolution costs two copies of its input and output.  The weight's
     re-layout is weight-only and moves to load time (``LiftTransformParams``).
+
+    A depthwise convolution whose channels are a whole number of vectors takes all of them
+    as one block: ``NCHW{C}c`` is ``NHWC``, so where its input is a channels-last tensor
+    permuted to ``NCHW`` (ConvNeXt: the previous block's MLP output) the input is a view of
+    that tensor, and its output is given back as a permutation that the next element-wise
+    kernels (bias, the permute back to channels-last) fuse with.
     """
     from tvm import relax
 
@@ -563,6 +573,31 @@ def _block_nchw_convs_fn(mod, lanes: int):
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
+        def channels_last(self, x):
+            """``z`` where ``x`` is ``permute_dims(z, [0, 3, 1, 2])``, else None."""
+            try:
+                v = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+            except Exception:  # noqa: BLE001  (not a binding of this function)
+                v = None
+            if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.permute_dims" \
+                    and v.attrs.axes is not None and [int(a) for a in v.attrs.axes] == [0, 3, 1, 2]:
+                return v.args[0]
+            return None
+
+        def depthwise_nhwc(self, call):
+            a, emit = call.attrs, self.builder_.emit
+            n, c, h, w = _shape(call.args[0])
+            z = self.channels_last(call.args[0])
+            if z is None:
+                z = emit(relax.op.permute_dims(call.args[0], [0, 2, 3, 1]))
+            xb = emit(relax.op.reshape(z, [n, 1, h, w, c]))
+            wb = emit(relax.op.layout_transform(
+                call.args[1], lambda o, i, kh, kw: (o // c, i, kh, kw, i, o % c)))
+            y = emit(relax.op.nn.conv2d(xb, wb, a.strides, a.padding, a.dilation, a.groups,
+                                        f"NCHW{c}c", f"OIHW1i{c}o", f"NCHW{c}c", a.out_dtype))
+            _, _, oh, ow, _ = _shape(y)
+            return relax.op.permute_dims(emit(relax.op.reshape(y, [n, oh, ow, c])), [0, 3, 1, 2])
+
         def visit_call_(self, call):
             call = super().visit_call_(call)
             layouts = choose(call).get("relax.nn.conv2d") if hasattr(call.op, "name") else None
@@ -572,6 +607,10 @@ def _block_nchw_convs_fn(mod, lanes: int):
             bi, bo = _blocked(data_l, "NCHW"), _blocked(out_l, "NCHW")
             if bi is None or bo is None:
                 return call  # a grouped convolution that stays NCHW
+            channels = _shape(call.args[0])[1]
+            if kernel_l.startswith("OIHW1i") and channels > lanes and channels % lanes == 0 \
+                    and NHWC_DEPTHWISE:
+                return self.depthwise_nhwc(call)
             a = call.attrs
             emit = self.builder_.emit
             xb = emit(relax.op.layout_transform(call.args[0], _block_map(bi)))
@@ -815,6 +854,9 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
     # Channel chunks outside rows: rows outside (so an input row stays in cache while
     # every chunk uses it) measured 1.2-1.9x slower on MobileNet's 1x1 convolutions.
     outer = [n, occ_o, oh]
+    if depthwise and (_extent(sch, ocb) or 0) > lanes:  # a whole-channel (NHWC) block:
+        ocb_o, ocb = sch.split(ocb, [None, lanes])  # one vector at a time, chunks outside
+        outer = [n, occ_o, ocb_o, oh]
     if depthwise:
         sch.reorder(*outer, owo, kh, kw, occ_i, owi, ocb)
         first_r = kh

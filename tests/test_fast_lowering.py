@@ -527,3 +527,41 @@ def test_row_reductions_match_pytorch(op, shape, kind):
     assert kinds.get(kind, 0) >= 1, kinds
     if kind == "generic":
         assert "row-reduction" not in kinds
+
+
+class _ConvNextBlock(nn.Module):
+    """ConvNeXt's block: a depthwise 7x7 conv in NCHW, then channels-last layer norm and
+    MLP, permuted back and added to the input."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        for _ in range(2):
+            y = self.dw(x).permute(0, 2, 3, 1)
+            y = self.fc2(nn.functional.gelu(self.fc1(self.norm(y))))
+            x = x + y.permute(0, 3, 1, 2)
+        return x
+
+
+def test_depthwise_conv_next_to_layer_norms_runs_channels_last(monkeypatch):
+    """In a model kept in NCHW (layer norms), a depthwise conv over whole vectors of
+    channels runs channels-last: its output is a view that the bias add and the permute to
+    the layer norm read in one kernel, where a blocked conv needed a layout transform out
+    of it first.  Both forms match PyTorch."""
+    lanes = cs.vector_lanes(host_target())
+    torch.manual_seed(0)
+    model, x = _ConvNextBlock(2 * lanes).eval(), torch.randn(1, 2 * lanes, 9, 9)
+    g = slimfx.capture(model, (x,))
+    calls = {}
+    for nhwc in (True, False):
+        monkeypatch.setattr(cs, "NHWC_DEPTHWISE", nhwc)
+        cm = _check(model, x, pipeline="")
+        assert cm.manifest["build"]["kernels"].get("dwconv") == 1  # one kernel, called twice
+        text = cs.prepare(to_relax(g).mod, host_target())["main"].script(show_meta=False)
+        calls[nhwc] = (text.count("R.call_tir("), text.count("te_layout_transform"))
+    assert calls[True][1] == 0 < calls[False][1], calls
+    assert calls[True][0] == calls[False][0] - 2, calls  # one kernel fewer per block
