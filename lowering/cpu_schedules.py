@@ -30,6 +30,8 @@ a hand schedule chosen by its anchor block:
   so it follows the blocked layout and fuses into the convolution's epilogue;
 - register tiles are small stack arrays (``_ACC_SCOPE``), promoted to registers;
 - matmul / dense: rows x two vectors of columns in registers, parallel over tiles;
+- row reductions (layer norm, softmax, RMS norm over a last axis of whole vectors): rows
+  in parallel, each row's sums a vector of partial sums (``rfactor``), output in vectors;
 - anything else (pooling, reductions, element-wise, layout transforms): producers
   inlined, outer loops fused and parallel, the innermost loop vectorized when it is
   contiguous and a useful width.
@@ -979,9 +981,7 @@ def _schedule_row_reduction(sch, lanes: int) -> bool:
                 or [e for e in ext[:-1] if e != 1] != [e for e in extents[:-1] if e != 1] \
                 or ext[-1] != extents[-1]:
             return False
-    if not all(b in reductions or b == out or _is_spatial_inlinable(sch, b) for b in blocks):
-        return False
-    for b in blocks:
+    for b in blocks:  # element-wise steps between (a mean, an exp) go into their readers
         if b not in reductions and b != out:
             sch.compute_inline(b)
     loops = sch.get_loops(out)
@@ -1003,10 +1003,6 @@ def _schedule_row_reduction(sch, lanes: int) -> bool:
     for rf in partial:  # the partial sums' zeroing before their chunk loop
         _decompose(sch, rf, sch.get_loops(rf)[-2])
     return True
-
-
-def _is_spatial_inlinable(sch, block) -> bool:
-    return "R" not in _iter_kinds(sch, block) and sch.get(block).init is None
 
 
 def _schedule_generic(sch, lanes: int) -> None:
@@ -1096,7 +1092,8 @@ def schedule_primfunc(func, info: TargetInfo):
 
 
 def kernel_kinds(mod) -> dict[str, str]:
-    """``{PrimFunc name: "conv" | "dwconv" | "matmul" | "generic" | "tuned"}`` of a module."""
+    """``{PrimFunc name: "conv" | "dwconv" | "matmul" | "row-reduction" | "generic" |
+    "tuned"}`` of a module."""
     from tvm import tirx
 
     out = {}
