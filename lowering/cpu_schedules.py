@@ -954,6 +954,10 @@ def _schedule_reduction(sch, block, lanes: int) -> None:
         sch.parallel(outer)
 
 
+#: Row reductions get :func:`_schedule_row_reduction` (``bench/row_reduction.py`` compares).
+ROW_REDUCTION = True
+
+
 def _schedule_row_reduction(sch, lanes: int) -> bool:
     """Kernels that reduce each row over its last, contiguous axis and then use the results
     element-wise on the same row: layer norm (sum, then sum of squared deviations), softmax
@@ -1065,7 +1069,7 @@ def _hand_schedule(func, info: TargetInfo):
                 return sch, kind
     except Exception:  # noqa: BLE001, S110  (falls back to the generic schedule below)
         pass
-    if kind == "generic":
+    if kind == "generic" and ROW_REDUCTION:
         sch = s_tir.Schedule(func)
         try:
             if _schedule_row_reduction(sch, lanes):

@@ -1,4 +1,5 @@
-"""Vectorizable ``exp``, ``erf``, ``tanh`` and the activations built on them, for the CPU.
+"""Vectorizable ``exp``, ``erf``, ``tanh`` and the activations built on them (and softmax
+over a last axis), for the CPU.
 
 TVM legalizes these element-wise functions to libm calls, which LLVM cannot vectorize:
 a 16-lane vector of ``erf`` becomes 16 scalar calls.  In a transformer's MLP the GELU
@@ -69,6 +70,32 @@ def _gelu_tanh(x):
     return te.compute(x.shape, lambda *i: 0.5 * x(*i) * (1.0 + t(*i)), name="gelu")
 
 
+def _softmax_last(x):
+    """Softmax over the last axis: max, exp of the shifted row (polynomial), sum, divide.
+    Two row reductions and element-wise steps: the row-reduction schedule's form."""
+    from tvm import te, topi
+
+    *rows, n = x.shape
+    k = te.reduce_axis((0, n), name="k")
+    top = te.compute(rows, lambda *i: te.max(x[(*i, k)], axis=k), name="softmax_max")
+    shifted = te.compute(x.shape, lambda *i: x(*i) - top(*i[:-1]), name="softmax_shift")
+    e = topi.fast_exp(shifted)
+    k2 = te.reduce_axis((0, n), name="k2")
+    total = te.compute(rows, lambda *i: te.sum(e[(*i, k2)], axis=k2), name="softmax_sum")
+    return te.compute(x.shape, lambda *i: e(*i) / total(*i[:-1]), name="softmax")
+
+
+def _softmax(_info):
+    def legalize(bb, call):
+        x = call.args[0]
+        nd = len(x.ty.shape)
+        if str(getattr(x.ty, "dtype", "")) != "float32" or int(call.attrs.axis) % nd != nd - 1:
+            return _default("relax.nn.softmax")(bb, call)
+        return bb.call_te(_softmax_last, x, primfunc_name_hint="softmax")
+
+    return legalize
+
+
 #: Relax op -> its TE form with polynomial transcendental functions.
 FAST_MATH_OPS = {"relax.exp": _exp, "relax.erf": _erf, "relax.tanh": _tanh,
                  "relax.sigmoid": _sigmoid, "relax.nn.silu": _silu, "relax.nn.gelu": _gelu,
@@ -97,3 +124,5 @@ def _default(op: str):
 
 for _op, _fn in FAST_MATH_OPS.items():
     cs.LEGALIZATIONS[_op] = _factory(_op, _fn)
+# softmax over the last axis (its exp in polynomial form; other axes: TVM's)
+cs.LEGALIZATIONS["relax.nn.softmax"] = _softmax
