@@ -564,10 +564,9 @@ def _block_nchw_convs_fn(mod, lanes: int):
     re-layout is weight-only and moves to load time (``LiftTransformParams``).
 
     A depthwise convolution whose channels are a whole number of vectors takes all of them
-    as one block: ``NCHW{C}c`` is ``NHWC``, so where its input is a channels-last tensor
-    permuted to ``NCHW`` (ConvNeXt: the previous block's MLP output) the input is a view of
-    that tensor, and its output is given back as a permutation that the next element-wise
-    kernels (bias, the permute back to channels-last) fuse with.
+    as one block: ``NCHW{C}c`` is ``NHWC``, so its output is given back as a permutation
+    that the next element-wise kernels (ConvNeXt: the bias, the permute to channels-last for
+    the layer norm) fuse with, where a blocked output needed a layout transform first.
     """
     from tvm import relax
 
@@ -575,23 +574,10 @@ def _block_nchw_convs_fn(mod, lanes: int):
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
-        def channels_last(self, x):
-            """``z`` where ``x`` is ``permute_dims(z, [0, 3, 1, 2])``, else None."""
-            try:
-                v = self.lookup_binding(x) if isinstance(x, relax.Var) else None
-            except Exception:  # noqa: BLE001  (not a binding of this function)
-                v = None
-            if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.permute_dims" \
-                    and v.attrs.axes is not None and [int(a) for a in v.attrs.axes] == [0, 3, 1, 2]:
-                return v.args[0]
-            return None
-
         def depthwise_nhwc(self, call):
             a, emit = call.attrs, self.builder_.emit
             n, c, h, w = _shape(call.args[0])
-            z = self.channels_last(call.args[0])
-            if z is None:
-                z = emit(relax.op.permute_dims(call.args[0], [0, 2, 3, 1]))
+            z = emit(relax.op.permute_dims(call.args[0], [0, 2, 3, 1]))
             xb = emit(relax.op.reshape(z, [n, 1, h, w, c]))
             wb = emit(relax.op.layout_transform(
                 call.args[1], lambda o, i, kh, kw: (o // c, i, kh, kw, i, o % c)))

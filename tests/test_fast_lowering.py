@@ -474,8 +474,7 @@ def test_intermediates_are_allocated_once(monkeypatch):
     monkeypatch.setattr(workspace, "PERSISTENT_WORKSPACE", False)
     per_call = slimfx.compile(model, x, pipeline="dce")
     assert _main_calls(per_call, "vm.builtin.alloc_tensor") >= 4
-    # left per call: the three outputs (a also feeds b) and c, which a mean reads but
-    # that is a kernel; flatten's input is viewed by a reshape
+    # left per call: the tensors of the three outputs (two leave through a reshape's view)
     assert 0 < _main_calls(cm, "vm.builtin.alloc_tensor") \
         < _main_calls(per_call, "vm.builtin.alloc_tensor")
     vm = cm._ensure_vm()
