@@ -5,6 +5,11 @@ The graph is exported again (it is plain ATen, so this is exact) with its parame
 function inputs: the Relax ``main`` takes the model inputs first, then the parameters in
 ``RelaxProgram.param_names`` order.  Parameters stay out of the compiled code, so an
 artifact stores them separately (and, for compressed weights, in their compact form).
+Buffers (BatchNorm statistics that ``fold-bn`` could not fold, position ids) and tensor
+constants the graph reads are passed the same way: TVM's frontend would bind them into
+the module as constants, and its ``FoldConstant`` then compiles and runs one kernel per
+folded op while building (seconds on a DenseNet); as parameters, their re-layouts run
+once at load time in ``main_transform_params`` like the weights'.
 
 A pass that introduces a ``slimfx::`` op supplies its Relax lowering with
 :func:`register_lowering`, next to the op's PyTorch reference::
@@ -81,6 +86,34 @@ class RelaxProgram:
     input_names: list[str]
 
 
+def _tensors_as_parameters(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A module running ``gm``'s code whose every tensor attribute is a parameter.
+
+    The tensors are shared (a buffer becomes a frozen ``nn.Parameter`` over the same
+    storage); ``gm`` and its graph are not modified.  Attributes no node reads (e.g.
+    BatchNorm's ``num_batches_tracked``) are left out.
+    """
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = gm.graph._codegen  # the pytree calling convention of export's graphs
+    root: dict[str, object] = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            value = _attr(gm, n.target)
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                value = torch.nn.Parameter(value, requires_grad=False)
+            root[n.target] = value
+        elif n.op == "call_module":
+            root[n.target] = gm.get_submodule(n.target)
+    return torch.fx.GraphModule(root, graph, class_name=type(gm).__name__)
+
+
+def _attr(module: torch.nn.Module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
 def to_relax(graph: Graph) -> RelaxProgram:
     """Convert a canonical graph to a Relax ``IRModule`` (parameters as inputs).
 
@@ -96,7 +129,8 @@ def to_relax(graph: Graph) -> RelaxProgram:
                                 "torch frontend nor a slimfx lowering (register_lowering) "
                                 "handles it" + node_context(n))
     try:
-        ep = torch.export.export(graph.gm, graph.example_inputs, strict=False)
+        ep = torch.export.export(_tensors_as_parameters(graph.gm), graph.example_inputs,
+                                 strict=False)
     except Exception as e:
         raise LoweringError(f"re-exporting {graph.name} for lowering failed: {e}") from e
     sig = ep.graph_signature

@@ -56,6 +56,38 @@ def test_unfolded_batch_norm_lowers_exactly(affine):
     torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+class _Stats(torch.nn.Module):
+    """A BatchNorm fold-bn cannot fold (after a concat) and a plain tensor constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.scale = torch.linspace(0.5, 2.0, 8).reshape(1, 8, 1, 1)  # not a buffer
+
+    def forward(self, x):
+        return torch.relu(self.bn(torch.cat([self.conv(x), x], 1))) * self.scale
+
+
+def test_buffers_and_constants_are_passed_as_parameters():
+    # TVM's frontend binds buffers and constants into the module; FoldConstant would then
+    # compile one kernel per folded op. slimfx passes them like weights instead.
+    model = randomize_bn(_Stats()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    g = slimfx.run_pipeline(slimfx.capture(model, x), "fold-bn,dce")
+    buffers = dict(g.gm.named_buffers())
+    prog = to_relax(g)
+    stats = [n for n in prog.param_names if n.endswith(("running_mean", "running_var"))]
+    assert len(stats) == 2 and "scale" in prog.param_names
+    assert "num_batches_tracked" not in " ".join(prog.param_names)  # read by no node
+    assert len(prog.param_names) == len(prog.mod["main"].params) - 1
+    assert dict(g.gm.named_buffers()).keys() == buffers.keys()  # the graph is unchanged
+    cm = slimfx.compile(g)
+    assert set(stats) <= set(cm.manifest["params"])
+    y = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(cm(y), model(y), atol=1e-5, rtol=1e-5)
+
+
 def test_cuda_build(tmp_path):
     # TVM's CUDA codegen ships in the wheel; linking needs nvcc.  Running needs a GPU.
     import shutil
