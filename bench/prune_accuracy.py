@@ -57,7 +57,14 @@ from torch import nn
 
 import slimfx
 from slimfx.ir.printing import format_table, human
-from slimfx.passes.prune import ChannelPruning, PruneOptions, gradual_prune, split_budget
+from slimfx.passes.prune import (
+    SCHEDULES,
+    ChannelPruning,
+    PruneOptions,
+    gradual_prune,
+    scheduled_keep,
+    split_budget,
+)
 from slimfx.zoo import BasicBlock
 
 T0 = time.perf_counter()
@@ -281,6 +288,7 @@ def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str,
     small, history = gradual_prune(
         base, macs=keep, steps=args.steps, criterion=criterion, normalize="mean",
         strategy="global", round_to=args.round_to, finetune=finetune, evaluate=evaluate,
+        schedule=args.schedule,
         bn="fixed",  # finetune() below switches BN itself, after measuring pre-FT accuracy
         progress=lambda s: log(f"    {method}: " + s), **prune_kw)
     return Result(method, "", small, pre[-1], history[-1].metric)
@@ -336,8 +344,8 @@ def torch_pruning_arm(model: nn.Module, target_macs: int, args, data, example) -
 
     Each round is one ``MetaPruner(global_pruning=True).step()`` on the current
     (fine-tuned) model, its ``pruning_ratio`` bisected on dry runs so that the MACs follow
-    slimfx's gradual schedule (keep ``keep ** (k / steps)`` of the MACs after round k) and
-    the last round lands on slimfx's achieved MACs.  (TP's own ``iterative_steps``
+    slimfx's gradual schedule (``scheduled_keep(keep, k, steps, --schedule)`` of the MACs
+    after round k) and the last round lands on slimfx's achieved MACs.  (TP's own ``iterative_steps``
     scheduler is linear in channels and fixed in advance; after fine-tuning reorders the
     global ranking its final MACs drift by several percent from a dry-run estimate.)
     """
@@ -350,7 +358,8 @@ def torch_pruning_arm(model: nn.Module, target_macs: int, args, data, example) -
     pre = post = 0.0
     ratios = []
     for k in range(args.steps):
-        goal = target_macs if k == args.steps - 1 else base_macs * keep ** ((k + 1) / args.steps)
+        goal = (target_macs if k == args.steps - 1
+                else base_macs * scheduled_keep(keep, k + 1, args.steps, args.schedule))
         ratio, _ = _tp_ratio_for(m, goal, args, example)
         ratios.append(ratio)
         m.eval()
@@ -458,6 +467,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
                     help="SGD steps of fine-tuning per pruned model (all rounds together)")
     ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--steps", type=int, default=3, help="gradual / iterative pruning rounds")
+    ap.add_argument("--schedule", default="geometric", choices=SCHEDULES,
+                    help="how the gradual arms spread the MACs cut over the rounds "
+                         "(gradual_prune's schedule; Torch-Pruning's rounds follow it too)")
     ap.add_argument("--final-share", type=float, default=2 / 3,
                     help="share of the fine-tune budget given to the last gradual round "
                          "(split_budget; 0 = equal split); Torch-Pruning's rounds get the same")
@@ -573,7 +585,7 @@ def main() -> None:
     print(f"{source}; model DigitResNet(width={args.width}) on 1x{'x'.join(map(str, example.shape[1:]))}"
           f" inputs; baseline {args.epochs} epochs; fine-tune {args.finetune_steps} SGD steps "
           f"(batch {args.batch}, lr {args.finetune_lr}, cosine) per pruned model; "
-          f"{args.steps} rounds for gradual/iterative, their fine-tune budget "
+          f"{args.steps} rounds ({args.schedule} schedule) for gradual/iterative, their fine-tune budget "
           f"{split_budget(args.finetune_steps, args.steps, args.final_share)}; "
           f"round_to={args.round_to}; seeds {args.seeds} (baselines "
           f"{', '.join(f'{b:.2f}' for b, _ in runs)}%)")

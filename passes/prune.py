@@ -47,7 +47,7 @@ from slimfx.ir.channels import ChannelAnalysis, kept_fraction, macs_dims
 from .base import Pass, PassResult, register_pass
 
 __all__ = ["PruneOptions", "ChannelPruning", "select_channels", "apply_pruning", "score_sets",
-           "register_arg_rewrite", "gradual_prune", "GradualStep", "split_budget"]
+           "register_arg_rewrite", "gradual_prune", "GradualStep", "split_budget", "scheduled_keep"]
 
 aten = torch.ops.aten
 Node = torch.fx.Node
@@ -707,6 +707,30 @@ class GradualStep:
     accepted: bool
 
 
+SCHEDULES = ("geometric", "cubic")
+
+
+def scheduled_keep(keep: float, step: int, steps: int, schedule: str = "geometric") -> float:
+    """The fraction kept after ``step`` of ``steps`` rounds that end at ``keep``.
+
+    ``geometric``: ``keep ** (step / steps)``, each round keeps the same fraction of what is
+    left.  ``cubic``: the removed fraction follows ``(1 - keep) * (1 - (1 - step/steps)**3)``
+    (Zhu & Gupta 2017, "To prune, or not to prune"): most is removed early, while much
+    fine-tuning is still to come, and the last rounds remove little.
+
+    >>> [round(scheduled_keep(0.5, k, 3), 3) for k in range(4)]
+    [1.0, 0.794, 0.63, 0.5]
+    >>> [round(scheduled_keep(0.5, k, 3, "cubic"), 3) for k in range(4)]
+    [1.0, 0.648, 0.519, 0.5]
+    """
+    t = step / steps
+    if schedule == "geometric":
+        return keep ** t
+    if schedule == "cubic":
+        return 1 - (1 - keep) * (1 - (1 - t) ** 3)
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
 def split_budget(total: int, rounds: int, final_share: float = 0.5) -> list[int]:
     """A fine-tune budget of ``total`` steps split over ``rounds`` pruning rounds: the last
     round gets ``final_share`` of it (at least an equal share), the others the rest in
@@ -734,6 +758,7 @@ def gradual_prune(graph: Graph, options: PruneOptions | None = None, *, steps: i
                   evaluate: Callable[[Graph], float] | None = None,
                   min_metric: float | None = None, data=None, loss_fn=None,
                   bn: Literal["train", "fixed"] = "train",
+                  schedule: Literal["geometric", "cubic"] = "geometric",
                   progress: Callable[[str], None] | None = print,
                   **option_kw) -> tuple[Graph, list[GradualStep]]:
     """The seed thesis's gradual global pruning: ``steps`` rounds, each pruning a slice of
@@ -746,8 +771,11 @@ def gradual_prune(graph: Graph, options: PruneOptions | None = None, *, steps: i
     layers; ``"fixed"`` keeps the captured statistics.
 
     The budget in ``options`` (or ``macs=``, ``params=``, ``ratio=`` keywords) is the total
-    over all rounds; each round removes an equal share of it (geometric in MACs/params).
-    Returns the final graph and one :class:`GradualStep` per round.
+    over all rounds.  ``schedule`` spreads it over the rounds (see :func:`scheduled_keep`):
+    ``"geometric"`` removes an equal share in every round; ``"cubic"`` (Zhu & Gupta 2017)
+    removes most in the first rounds and little in the last, whose pruning the remaining
+    fine-tuning cannot repair.  Returns the final graph and one :class:`GradualStep` per
+    round.
     """
     from .manager import PassManager
 
@@ -756,19 +784,22 @@ def gradual_prune(graph: Graph, options: PruneOptions | None = None, *, steps: i
         opts = dataclasses.replace(options, **option_kw)
     if steps < 1:
         raise GraphError(f"steps must be >= 1, got {steps}")
+    if schedule not in SCHEDULES:
+        raise GraphError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     kind = "macs" if opts.macs is not None else "params" if opts.params is not None else "ratio"
     total = getattr(opts, kind)
     base_macs, base_params = graph.macs(), graph.param_count()
     current, history = graph, []
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        if kind == "ratio":  # remove total*(step/steps) of the original sets, in equal slices
-            done = 1 - (1 - total) ** ((step - 1) / steps) if step > 1 else 0.0
-            want = 1 - (1 - total) ** (step / steps)
+        if kind == "ratio":  # ratio = the fraction of the original channel sets removed
+            done = 1 - scheduled_keep(1 - total, step - 1, steps, schedule)
+            want = 1 - scheduled_keep(1 - total, step, steps, schedule)
             share = (want - done) / (1 - done)
-        else:  # keep total**(step/steps) of the original MACs/params
+        else:  # the fraction of the original MACs/params kept after this round
             now = current.macs() / base_macs if kind == "macs" else current.param_count() / base_params
-            share = min(max(total ** (step / steps) / now, 1e-6), 1 - 1e-6)
+            keep = scheduled_keep(total, step, steps, schedule)
+            share = min(max(keep / now, 1e-6), 1 - 1e-6)
         step_opts = dataclasses.replace(opts, **{kind: share})
         pruned = PassManager([ChannelPruning(step_opts, data=data, loss_fn=loss_fn)]).run(current)
         if finetune is not None:

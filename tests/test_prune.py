@@ -12,7 +12,7 @@ import slimfx
 from slimfx import zoo
 from slimfx.errors import GraphError, PipelineError
 from slimfx.passes import PassManager
-from slimfx.passes.prune import ChannelPruning, PruneOptions, gradual_prune
+from slimfx.passes.prune import ChannelPruning, PruneOptions, gradual_prune, scheduled_keep
 
 aten = torch.ops.aten
 
@@ -202,6 +202,21 @@ def test_gradual_schedule_calls_back_and_stops_on_the_bound():
                                   evaluate=lambda graph: graph.macs() / g.macs(), min_metric=0.7)
     assert not hist2[-1].accepted and final2.macs() / g.macs() >= 0.7
     assert g.macs() == slimfx.capture(zoo.small_resnet(width=32, blocks=2), torch.randn(1, 3, 8, 8)).macs()
+
+
+def test_cubic_schedule_prunes_most_in_the_first_rounds():
+    torch.manual_seed(0)
+    g = slimfx.capture(zoo.small_resnet(width=32, blocks=2).eval(), torch.randn(1, 3, 8, 8))
+    runs = {s: gradual_prune(g, macs=0.4, steps=3, round_to=1, schedule=s, progress=None)[1]
+            for s in ("geometric", "cubic")}
+    geo, cub = ([h.macs_ratio for h in runs[s]] for s in ("geometric", "cubic"))
+    for ratios, s in ((geo, "geometric"), (cub, "cubic")):  # each round lands near its plan
+        plan = [scheduled_keep(0.4, k, 3, s) for k in (1, 2, 3)]
+        assert ratios == pytest.approx(plan, abs=0.03)
+    assert cub[0] < geo[0] - 0.1 and cub[2] == pytest.approx(geo[2], abs=0.02)
+    assert cub[1] - cub[2] < geo[1] - geo[2]  # the last round removes less
+    with pytest.raises(GraphError, match="schedule must be one of geometric, cubic, got 'linear'"):
+        gradual_prune(g, macs=0.4, steps=3, schedule="linear", progress=None)
 
 
 def test_batchnorm_training_mode_updates_statistics_and_returns():
