@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from ab import switched  # noqa: E402
 from prune_accuracy import DigitResNet  # noqa: E402
 
 import slimfx  # noqa: E402
@@ -47,12 +48,9 @@ def models():
 
 
 def build(g, once: bool, mode: str):
-    workspace.PERSISTENT_WORKSPACE = once
-    try:
+    with switched(workspace, "PERSISTENT_WORKSPACE", once):
         return slimfx.compile(g, target="host", pipeline="fold-bn,dce", exec_mode=mode,
                               verbose=False)
-    finally:
-        workspace.PERSISTENT_WORKSPACE = True
 
 
 def main() -> None:

@@ -13,14 +13,18 @@ four stages, a ViT-B layer norm over 197 tokens, a softmax over attention-sized 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 
-import torch
-from torch import nn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import slimfx
-from slimfx.ir.printing import format_table
-from slimfx.lowering import cpu_schedules
+import torch  # noqa: E402
+from ab import alternate, median_and_min, switched  # noqa: E402
+from torch import nn  # noqa: E402
+
+import slimfx  # noqa: E402
+from slimfx.ir.printing import format_table  # noqa: E402
+from slimfx.lowering import cpu_schedules  # noqa: E402
 
 CASES = [("layer_norm", (1, 56, 56, 96)), ("layer_norm", (1, 28, 28, 192)),
          ("layer_norm", (1, 14, 14, 384)), ("layer_norm", (1, 7, 7, 768)),
@@ -37,11 +41,8 @@ class _Op(nn.Module):
 
 
 def build(model, x, on: bool):
-    cpu_schedules.ROW_REDUCTION = on
-    try:
+    with switched(cpu_schedules, "ROW_REDUCTION", on):
         return slimfx.compile(model, x, verbose=False)
-    finally:
-        cpu_schedules.ROW_REDUCTION = True
 
 
 def main() -> None:
@@ -55,15 +56,12 @@ def main() -> None:
         arms = {on: build(model, x, on) for on in (True, False)}
         kinds = {on: ",".join(sorted(c.manifest["build"]["kernels"])) for on, c in arms.items()}
         built.append((op, shape, x, arms, kinds))
-    times = {(i, on): [] for i in range(len(built)) for on in (True, False)}
-    for _ in range(args.rounds):
-        for i, (_, _, x, arms, _) in enumerate(built):
-            for on, c in arms.items():
-                times[(i, on)].append(c.benchmark(x, repeat=10, number=10).median_ms)
+    times = alternate({(i, on): (lambda c=c, x=x: c.benchmark(x, repeat=10, number=10).median_ms)
+                       for i, (_, _, x, arms, _) in enumerate(built) for on, c in arms.items()},
+                      args.rounds)
     rows = []
     for i, (op, shape, _, _, kinds) in enumerate(built):
-        new, old = (statistics.median(times[(i, on)]) for on in (True, False))
-        new_min, old_min = (min(times[(i, on)]) for on in (True, False))
+        (new, new_min), (old, old_min) = (median_and_min(times[(i, on)]) for on in (True, False))
         rows.append([op, "x".join(map(str, shape)), kinds[True], f"{old:.4f}", f"{new:.4f}",
                      f"{old / new:.1f}x", f"{old_min / new_min:.1f}x"])
     print(f"latency: median of {args.rounds} alternating rounds of "

@@ -876,6 +876,11 @@ def _shared_weight(sch, block) -> bool:
         and any(len(r.source.shape) > 2 for r in reads)
 
 
+#: Row counts with no divisor of at least 4 (ViT's 197 tokens) get 4-row tiles, the last
+#: one partial (``bench/matmul_rows.py`` compares with the divisor-sized tiles).
+RAGGED_ROWS = True
+
+
 def _schedule_matmul(sch, block, lanes: int) -> bool:
     kinds = _iter_kinds(sch, block)
     if kinds[-1] != "R" or kinds.count("R") != 1 or len(kinds) < 3:
@@ -897,6 +902,8 @@ def _schedule_matmul(sch, block, lanes: int) -> bool:
     # 27 GFLOP/s).  Otherwise up to 4 rows, row tiles outside.
     shared = bool(batch) and _shared_weight(sch, block)
     ri = _largest_divisor(i_ext, 8 if shared else 4)
+    if ri < 4 and i_ext > 8 and RAGGED_ROWS:
+        ri = 4  # the last tile partial (rows past the end masked); 8 rows were not faster
     io, ii = sch.split(i, [None, ri])
     jo, jv, ji = sch.split(j, [None, nv, vec])
     outer = [jo, *batch, io] if shared else [*batch, io, jo]

@@ -224,6 +224,36 @@ def test_linear_layers(rows):
     assert cm.manifest["build"]["kernels"].get("matmul", 0) >= 1
 
 
+class _Bmm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 32, 48))
+
+    def forward(self, x):
+        return torch.bmm(x, self.w)
+
+
+@pytest.mark.parametrize("model, shape", [(lambda: nn.Linear(40, 64), (1, 13, 40)),
+                                          (lambda: nn.Linear(40, 64), (13, 40)),
+                                          (_Bmm, (3, 13, 32))])
+def test_matmul_rows_without_a_divisor_get_partial_tiles(model, shape, monkeypatch):
+    # 13 rows (a prime, like ViT's 197 tokens) were tiled one row at a time; now in tiles
+    # of 4, the last one masked.
+    from tvm import te
+
+    torch.manual_seed(0)
+    cm = _check(model(), torch.randn(shape))
+    assert cm.manifest["build"]["kernels"]["matmul"] == 1
+    a, w = te.placeholder(shape, name="a"), te.placeholder((shape[-1], 64), name="w")
+    k = te.reduce_axis((0, shape[-1]), name="k")
+    c = te.compute((*shape[:-1], 64), lambda *i: te.sum(a[(*i[:-1], k)] * w[k, i[-1]], axis=k),
+                   name="matmul")
+    func = te.create_prim_func([a, w, c])
+    assert "T.where" in cs.hand_schedule(func, host_target()).mod.script()  # a masked tile
+    monkeypatch.setattr(cs, "RAGGED_ROWS", False)
+    assert "T.where" not in cs.hand_schedule(func, host_target()).mod.script()
+
+
 def test_blocked_layout_is_used_and_weights_are_lifted():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
