@@ -269,13 +269,15 @@ BN_LABEL = {"train": "FT with BN in train mode", "fixed": "FT with BN stats fixe
 
 
 def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str,
-                   method: str | None = None, criterion: str = "l1", **prune_kw) -> Result:
+                   method: str | None = None, criterion: str | None = None,
+                   **prune_kw) -> Result:
     """Gradual global pruning (normalize=mean) of ``base`` to ``keep`` of its MACs, with
     the shared fine-tune budget split over the rounds; ``prune_kw`` go to PruneOptions."""
     x_tr, y_tr, x_te, y_te = data
     stream = BatchStream(x_tr, y_tr, args.batch, args.seed + 1)
     budget = split_budget(args.finetune_steps, args.steps, args.final_share)
     pre: list[float] = []
+    criterion = criterion or args.criterion
     method = method or f"slimfx gradual global norm=mean, {BN_LABEL[bn]}"
 
     def evaluate(g):
@@ -297,7 +299,7 @@ def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str,
 def slimfx_oneshot(base: slimfx.Graph, keep: float, args, data, *, normalize: str,
                    strategy: str, bn: str = "train") -> Result:
     x_tr, y_tr, x_te, y_te = data
-    opts = PruneOptions(macs=keep, criterion="l1", normalize=normalize, strategy=strategy,
+    opts = PruneOptions(macs=keep, criterion=args.criterion, normalize=normalize, strategy=strategy,
                         round_to=args.round_to)
     pruned = slimfx.PassManager([ChannelPruning(opts)]).run(base)
     pre = accuracy(graph_forward(pruned), x_te, y_te)
@@ -467,6 +469,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
                     help="SGD steps of fine-tuning per pruned model (all rounds together)")
     ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--steps", type=int, default=3, help="gradual / iterative pruning rounds")
+    ap.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "random"),
+                    help="slimfx's data-free importance criterion, every slimfx arm (Torch-Pruning's "
+                         "stays L1)")
     ap.add_argument("--schedule", default="geometric", choices=SCHEDULES,
                     help="how the gradual arms spread the MACs cut over the rounds "
                          "(gradual_prune's schedule; Torch-Pruning's rounds follow it too)")
@@ -587,7 +592,7 @@ def main() -> None:
           f"(batch {args.batch}, lr {args.finetune_lr}, cosine) per pruned model; "
           f"{args.steps} rounds ({args.schedule} schedule) for gradual/iterative, their fine-tune budget "
           f"{split_budget(args.finetune_steps, args.steps, args.final_share)}; "
-          f"round_to={args.round_to}; seeds {args.seeds} (baselines "
+          f"criterion {args.criterion}; round_to={args.round_to}; seeds {args.seeds} (baselines "
           f"{', '.join(f'{b:.2f}' for b, _ in runs)}%)")
     if not args.no_latency:
         print(latency_note(baseline, args))

@@ -91,7 +91,6 @@ def truncated_svd(base: slimfx.Graph, target_macs: float, args, data) -> Result:
 
 def main() -> None:
     ap = common_args(__doc__.splitlines()[0])
-    ap.add_argument("--criterion", default="l1", help="pruning criterion for every arm")
     args = ap.parse_args()
     setup(args)
 
