@@ -86,32 +86,27 @@ class RelaxProgram:
     input_names: list[str]
 
 
-def _tensors_as_parameters(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A module running ``gm``'s code whose every tensor attribute is a parameter.
+def _tensors_as_parameters(g: Graph) -> torch.fx.GraphModule:
+    """A module running ``g``'s code whose every tensor attribute is a parameter.
 
     The tensors are shared (a buffer becomes a frozen ``nn.Parameter`` over the same
-    storage); ``gm`` and its graph are not modified.  Attributes no node reads (e.g.
-    BatchNorm's ``num_batches_tracked``) are left out.
+    storage); ``g`` is not modified.  Attributes no node reads (e.g. BatchNorm's
+    ``num_batches_tracked``) are left out.
     """
+    gm = g.gm
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     graph._codegen = gm.graph._codegen  # the pytree calling convention of export's graphs
     root: dict[str, object] = {}
     for n in graph.nodes:
         if n.op == "get_attr":
-            value = _attr(gm, n.target)
+            value = g.param(n.target)
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 value = torch.nn.Parameter(value, requires_grad=False)
             root[n.target] = value
         elif n.op == "call_module":
             root[n.target] = gm.get_submodule(n.target)
     return torch.fx.GraphModule(root, graph, class_name=type(gm).__name__)
-
-
-def _attr(module: torch.nn.Module, dotted: str):
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def to_relax(graph: Graph) -> RelaxProgram:
@@ -129,7 +124,7 @@ def to_relax(graph: Graph) -> RelaxProgram:
                                 "torch frontend nor a slimfx lowering (register_lowering) "
                                 "handles it" + node_context(n))
     try:
-        ep = torch.export.export(_tensors_as_parameters(graph.gm), graph.example_inputs,
+        ep = torch.export.export(_tensors_as_parameters(graph), graph.example_inputs,
                                  strict=False)
     except Exception as e:
         raise LoweringError(f"re-exporting {graph.name} for lowering failed: {e}") from e
