@@ -109,6 +109,7 @@ def build_relax(mod, target: TargetInfo, *, fast: bool = True, tune: TuneOptions
         mod = cpu_schedules.schedule(mod, target)
         kinds = cpu_schedules.kernel_kinds(mod)
         facts["kernels"] = {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))}
+        facts["serial_kernels"] = len(cpu_schedules.serial_kernels(mod))
         facts["schedule_s"] = round(time.perf_counter() - t0, 3)
         mod = tvm.ir.transform.Sequential(cpu_schedules.lower_passes(target))(mod)
         return relax.build(mod, target=target.tvm(), relax_pipeline=None,

@@ -52,6 +52,7 @@ __all__ = [
     "ANCHOR_SCHEDULES", "LEGALIZATIONS", "POST_LAYOUT_PASSES", "CONV_BLOCK", "DWCONV_BLOCK",
     "PrepareOptions", "channel_block", "prepare", "schedule",
     "schedule_primfunc", "hand_schedule", "kernel_kind", "kernel_kinds", "lower_passes",
+    "SERIAL_BELOW", "SERIAL_MAX_ELEMENTS", "serial_kernels",
 ]
 
 #: Block names of slimfx's blocked convolution computes (the anchors the schedules find).
@@ -1044,7 +1045,72 @@ def kernel_kind(func) -> str:
     return _anchor(s_tir.Schedule(func))[0]
 
 
+#: Kernels smaller than this in both respects run on one thread (their schedule's
+#: ``parallel`` loops are dropped): fewer loop iterations of their largest block (one per
+#: multiply-add of a convolution, one per element of an element-wise kernel) and fewer
+#: elements in their buffers (inputs, weights, outputs).  Handing a few microseconds of
+#: work to the thread pool costs as much as the work; a kernel that streams more data
+#: than fits one core's cache gains from the second core even when its arithmetic is small
+#: (MobileNet's 1x1 convolutions on 4x4 maps).  ``bench/serial_small.py`` measures both.
+#: ``SERIAL_BELOW = 0`` keeps every kernel parallel.
+SERIAL_BELOW = 1 << 20
+SERIAL_MAX_ELEMENTS = 1 << 14
+
+
+def _iterations(sch) -> int:
+    """The most loop iterations of any block of ``sch`` (symbolic extents count as huge)."""
+    most = 0
+    for b in _blocks(sch):
+        n = 1
+        for lp in sch.get_loops(b):
+            ext = _extent(sch, lp)
+            n *= ext if ext is not None else 1 << 40
+        most = max(most, n)
+    return most
+
+
+def _without_parallel(func, sch):
+    """``sch``'s schedule of ``func`` replayed without its ``parallel`` instructions."""
+    from tvm import s_tir
+
+    insts = [i for i in sch.trace.insts if i.kind.name != "Parallel"]
+    serial = s_tir.Schedule(func)
+    s_tir.Trace(insts, {}).apply_to_schedule(serial, remove_postproc=False)
+    return serial
+
+
+def _elements(sch) -> int:
+    """Elements of the buffers ``sch``'s blocks read or write (symbolic shapes count as
+    huge)."""
+    seen: dict[str, int] = {}
+    for b in _blocks(sch):
+        stmt = sch.get(b)
+        for region in (*stmt.reads, *stmt.writes):
+            buf = region.source
+            n = 1
+            for d in buf.shape:
+                try:
+                    n *= int(d)
+                except (TypeError, ValueError):
+                    return 1 << 40
+            seen[buf.name] = n
+    return sum(seen.values())
+
+
 def _hand_schedule(func, info: TargetInfo):
+    """(schedule, kind, serial): ``serial`` when the kernel is small enough to run on one
+    thread (see :data:`SERIAL_BELOW`)."""
+    sch, kind = _hand_schedule_parallel(func, info)
+    if SERIAL_BELOW and _iterations(sch) < SERIAL_BELOW \
+            and _elements(sch) < SERIAL_MAX_ELEMENTS:
+        try:
+            return _without_parallel(func, sch), kind, True
+        except Exception:  # noqa: BLE001, S110  (keep the parallel schedule)
+            pass
+    return sch, kind, False
+
+
+def _hand_schedule_parallel(func, info: TargetInfo):
     from tvm import s_tir
 
     lanes = vector_lanes(info)
@@ -1083,9 +1149,19 @@ def hand_schedule(func, info: TargetInfo):
 
 
 def schedule_primfunc(func, info: TargetInfo):
-    """A hand-scheduled copy of ``func``, marked scheduled, its kind in ``slimfx.kernel``."""
-    sch, kind = _hand_schedule(func, info)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("slimfx.kernel", kind)
+    """A hand-scheduled copy of ``func``, marked scheduled, its kind in ``slimfx.kernel``
+    (and ``slimfx.serial`` set on a kernel left on one thread)."""
+    sch, kind, serial = _hand_schedule(func, info)
+    out = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("slimfx.kernel", kind)
+    return out.with_attr("slimfx.serial", True) if serial else out
+
+
+def serial_kernels(mod) -> list[str]:
+    """Names of ``mod``'s PrimFuncs that the hand schedules left on one thread."""
+    from tvm import tirx
+
+    return sorted(gv.name_hint for gv, f in mod.functions.items()
+                  if isinstance(f, tirx.PrimFunc) and f.attrs and f.attrs.get("slimfx.serial"))
 
 
 def kernel_kinds(mod) -> dict[str, str]:

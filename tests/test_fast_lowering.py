@@ -46,8 +46,9 @@ CONVS = {
 
 
 @pytest.mark.parametrize("name", list(CONVS))
-def test_conv_matches_pytorch(name):
+def test_conv_matches_pytorch(name, monkeypatch):
     cin, cout, k, s, p, d, g, size = CONVS[name]
+    monkeypatch.setattr(cs, "SERIAL_BELOW", 0)  # these small layers would run serially
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(cin, cout, k, s, p, d, groups=g), nn.ReLU())
     cm = _check(model, torch.randn(1, cin, size, size))
@@ -56,6 +57,39 @@ def test_conv_matches_pytorch(name):
         assert kinds.get("dwconv", 0) == 1
     else:
         assert kinds.get("conv", 0) == (0 if name == "grouped-tiny" else 1)
+
+
+def test_small_kernels_run_on_one_thread(monkeypatch):
+    """Kernels under SERIAL_BELOW iterations and SERIAL_MAX_ELEMENTS elements lose their
+    parallel loops (the pool's hand-off cost as much as the work); larger ones keep them."""
+    from tvm import te
+
+    def matmul(rows, k, cols):
+        a, w = te.placeholder((rows, k), name="a"), te.placeholder((k, cols), name="w")
+        r = te.reduce_axis((0, k), name="r")
+        c = te.compute((rows, cols), lambda i, j: te.sum(a[i, r] * w[r, j], axis=r),
+                       name="matmul")
+        return te.create_prim_func([a, w, c])
+
+    info = host_target()
+    small, large = matmul(4, 32, 64), matmul(64, 256, 256)  # 8K / 4M multiply-adds
+    assert "T.parallel" not in cs.hand_schedule(small, info).mod.script()
+    assert "T.parallel" in cs.hand_schedule(large, info).mod.script()
+    monkeypatch.setattr(cs, "SERIAL_MAX_ELEMENTS", 1000)  # the small one's data is larger
+    assert "T.parallel" in cs.hand_schedule(small, info).mod.script()
+    monkeypatch.undo()
+    monkeypatch.setattr(cs, "SERIAL_BELOW", 0)
+    assert "T.parallel" in cs.hand_schedule(small, info).mod.script()
+    monkeypatch.undo()
+
+    # a whole model: its small kernels serial, counted in the manifest, results unchanged
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+    cm = _check(model, torch.randn(1, 8, 10, 10))
+    assert cm.manifest["build"]["serial_kernels"] >= 2
+    monkeypatch.setattr(cs, "SERIAL_BELOW", 0)
+    assert _check(model, torch.randn(1, 8, 10, 10)).manifest["build"]["serial_kernels"] == 0
 
 
 class _ChannelsLastMlp(nn.Module):
