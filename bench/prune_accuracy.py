@@ -487,8 +487,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--repeat", type=int, default=10, help="timed runs per benchmark call")
     ap.add_argument("--number", type=int, default=10,
                     help="calls averaged in each timed run (the models run in well under 1 ms)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads and TVM_NUM_THREADS (1 is steadiest on a shared machine)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads and TVM_NUM_THREADS (default 0: slimfx's default, every "
+                         "physical core; 1 is steadier on a shared machine)")
     ap.add_argument("--no-latency", action="store_true", help="skip compiling and timing")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 2 epochs, 40 fine-tune steps, 2 rounds, 2 bench rounds")
@@ -504,6 +505,10 @@ def setup(args) -> None:
         if hasattr(args, "tp_search"):
             args.tp_search = 10
     warnings.filterwarnings("ignore")
+    if not args.threads:
+        from slimfx.lowering.targets import physical_cores
+
+        args.threads = physical_cores()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # read when TVM's pool starts
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -619,14 +624,15 @@ def main() -> None:
                        right=set(range(1, len(widths) + 1))))
 
     # goals
-    print(f"\ngoals (slimfx = gradual global norm=mean; both fine-tuning variants; accuracies "
-          f"averaged over {len(seeds)} seeds):")
+    print(f"\ngoals, per slimfx global norm=mean arm (gradual with both fine-tuning variants, "
+          f"and one-shot); accuracies averaged over {len(seeds)} seeds:")
     index = {(r.target, r.key): i for i, r in enumerate(results)}
     for label in dict.fromkeys(r.target for r in results[1:]):
         tp_i = index[(label, "tp")]
         tp_acc = mean(per_seed(tp_i, "post"))
-        for key, what in (("sx-grad-train", "BN train-mode FT (same as TP)"),
-                          ("sx-grad-fixed", "BN stats fixed (graph as captured)")):
+        for key, what in (("sx-grad-train", "gradual, BN train-mode FT (same as TP)"),
+                          ("sx-grad-fixed", "gradual, BN stats fixed (graph as captured)"),
+                          ("sx-1-mean", "one-shot, BN train-mode FT")):
             i = index[(label, key)]
             ours, head = results[i], f"  {label} {what}:"
             drop = -mean(per_seed(i, "drop"))
