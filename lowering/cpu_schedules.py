@@ -43,6 +43,7 @@ a hand schedule chosen by its anchor block:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -706,6 +707,34 @@ def _iter_kinds(sch, block) -> list[str]:
     return ["R" if int(iv.iter_type) == 2 else "S" for iv in sch.get(block).iter_vars]
 
 
+#: A block whose body's TVMScript is longer than this many characters (a polynomial ``exp`` or
+#: ``erf``, or a chain already inlined into it) is not inlined into a consumer that reads
+#: it more than once: each read would copy the whole expression, and a chain of such
+#: functions grew exponentially (four sigmoids in one kernel: a 276 s build; five: out of
+#: memory).  It is computed once into its own buffer instead.
+INLINE_COPY_LIMIT = 1500
+
+
+def _copies_large(sch, producer, consumer) -> bool:
+    """Whether inlining ``producer`` into ``consumer`` (either way) would copy a large
+    expression: the producer's body is long and the consumer reads it more than once."""
+    stmt = sch.get(producer)
+    if len(stmt.body.script()) <= INLINE_COPY_LIMIT:
+        return False
+    name = re.escape(stmt.writes[0].source.name)
+    return len(re.findall(rf"(?<![\w.]){name}\[", sch.get(consumer).body.script())) > 1
+
+
+def _inline(sch, block) -> None:
+    """``compute_inline(block)``, unless that would copy a large expression into a
+    consumer several times (raises ``ValueError`` then, as an illegal inline raises)."""
+    for c in sch.get_consumers(block):
+        if _copies_large(sch, block, c):
+            raise ValueError(f"{sch.get(block).name_hint} is read more than once by "
+                             f"{sch.get(c).name_hint}: not inlined")
+    sch.compute_inline(block)
+
+
 def _inline_producers_and_consumers(sch, anchor) -> None:
     """Inline everything but the anchor where it is legal (pads stay: they are cheap)."""
     changed = True
@@ -717,7 +746,7 @@ def _inline_producers_and_consumers(sch, anchor) -> None:
             if "R" in _iter_kinds(sch, b):
                 continue
             try:
-                sch.compute_inline(b)
+                _inline(sch, b)
                 changed = True
                 break
             except Exception:  # noqa: BLE001, S110  (not inlinable: left for the epilogue)
@@ -762,6 +791,9 @@ def _tile_epilogue(sch, write_back, at_loop, lanes: int) -> None:
         b = pending.pop(0)
         after = list(sch.get_consumers(b))
         try:
+            for p in sch.get_producers(b):
+                if _copies_large(sch, p, b):
+                    raise ValueError("a large expression read more than once: computed once")
             sch.reverse_compute_inline(b)
             pending = list(sch.get_consumers(write_back))
             continue
@@ -981,7 +1013,7 @@ def _schedule_row_reduction(sch, lanes: int) -> bool:
             return False
     for b in blocks:  # element-wise steps between (a mean, an exp) go into their readers
         if b not in reductions and b != out:
-            sch.compute_inline(b)
+            _inline(sch, b)
     loops = sch.get_loops(out)
     rows = sch.fuse(*loops[:-1]) if n > 2 else loops[0]
     _, vec = sch.split(loops[-1], [None, lanes])
@@ -1008,7 +1040,7 @@ def _schedule_generic(sch, lanes: int) -> None:
         if "R" in _iter_kinds(sch, b):
             continue
         try:
-            sch.compute_inline(b)
+            _inline(sch, b)
         except Exception:  # noqa: BLE001
             pass
     for b in _blocks(sch):

@@ -505,6 +505,33 @@ def test_fast_math_polynomials_are_float32_accurate(op):
     assert rel.max() < 1e-6  # float32 eps is 1.2e-7
 
 
+class _SigmoidChain(nn.Module):
+    def forward(self, x):
+        for i in range(8):
+            x = torch.relu(x) * 0.5 if i % 2 else torch.sigmoid(x)
+        return x
+
+
+def test_chained_polynomials_are_not_copied_into_each_read():
+    """A polynomial exp reads its argument several times; inlining a chain of them copied
+    each upstream expression into every read (exponential: four sigmoids in one kernel took
+    a 276 s build, five ran out of memory).  Large expressions read more than once are
+    computed once instead."""
+    from tvm import te
+
+    from slimfx.lowering.fast_math import FAST_MATH_OPS
+
+    x = te.placeholder((1, 16, 4, 4), name="x")
+    y = x
+    for _ in range(3):
+        y = FAST_MATH_OPS["relax.sigmoid"](y)
+    text = cs.hand_schedule(te.create_prim_func([x, y]), host_target()).mod.script()
+    assert len(text) < 50_000  # 1.1M characters when every read got a copy
+    torch.manual_seed(0)
+    cm = _check(_SigmoidChain(), torch.randn(1, 16, 4, 4))  # one fused kernel, built in ~1 s
+    assert sum(cm.manifest["build"]["kernels"].values()) <= 3
+
+
 class _Escapes(nn.Module):
     """Intermediates that must stay allocated per call: an output that later kernels also
     read, an output that is a view (flatten) of a kernel's result, and one that is not."""
