@@ -43,6 +43,7 @@ a hand schedule chosen by its anchor block:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -715,23 +716,27 @@ def _iter_kinds(sch, block) -> list[str]:
 INLINE_COPY_LIMIT = 1500
 
 
-def _copies_large(sch, producer, consumer) -> bool:
-    """Whether inlining ``producer`` into ``consumer`` (either way) would copy a large
-    expression: the producer's body is long and the consumer reads it more than once."""
+def _copies_large(sch, producer, consumers) -> str | None:
+    """The name of the first of ``consumers`` into which inlining ``producer`` (either
+    way) would copy a large expression: the producer's body is long and that consumer
+    reads it more than once.  None if there is none."""
     stmt = sch.get(producer)
     if len(stmt.body.script()) <= INLINE_COPY_LIMIT:
-        return False
-    name = re.escape(stmt.writes[0].source.name)
-    return len(re.findall(rf"(?<![\w.]){name}\[", sch.get(consumer).body.script())) > 1
+        return None
+    read = re.compile(rf"(?<![\w.]){re.escape(stmt.writes[0].source.name)}\[")
+    for c in consumers:
+        if len(read.findall(sch.get(c).body.script())) > 1:
+            return sch.get(c).name_hint
+    return None
 
 
 def _inline(sch, block) -> None:
     """``compute_inline(block)``, unless that would copy a large expression into a
     consumer several times (raises ``ValueError`` then, as an illegal inline raises)."""
-    for c in sch.get_consumers(block):
-        if _copies_large(sch, block, c):
-            raise ValueError(f"{sch.get(block).name_hint} is read more than once by "
-                             f"{sch.get(c).name_hint}: not inlined")
+    reader = _copies_large(sch, block, sch.get_consumers(block))
+    if reader is not None:
+        raise ValueError(f"{sch.get(block).name_hint} is read more than once by {reader}: "
+                         "not inlined")
     sch.compute_inline(block)
 
 
@@ -791,9 +796,8 @@ def _tile_epilogue(sch, write_back, at_loop, lanes: int) -> None:
         b = pending.pop(0)
         after = list(sch.get_consumers(b))
         try:
-            for p in sch.get_producers(b):
-                if _copies_large(sch, p, b):
-                    raise ValueError("a large expression read more than once: computed once")
+            if any(_copies_large(sch, p, [b]) for p in sch.get_producers(b)):
+                raise ValueError("a large expression read more than once: computed once")
             sch.reverse_compute_inline(b)
             pending = list(sch.get_consumers(write_back))
             continue
@@ -1118,14 +1122,10 @@ def _elements(sch) -> int:
     for b in _blocks(sch):
         stmt = sch.get(b)
         for region in (*stmt.reads, *stmt.writes):
-            buf = region.source
-            n = 1
-            for d in buf.shape:
-                try:
-                    n *= int(d)
-                except (TypeError, ValueError):
-                    return 1 << 40
-            seen[buf.name] = n
+            try:
+                seen[region.source.name] = math.prod(_ints(region.source.shape))
+            except (TypeError, ValueError):
+                return 1 << 40
     return sum(seen.values())
 
 
