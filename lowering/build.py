@@ -24,6 +24,7 @@ from slimfx.runtime.model import CompiledModel, io_specs
 
 from . import (
     cpu_schedules,
+    gpu,
     legalize,  # noqa: F401  (registers the legalize-tvm pass)
     tuning,
 )
@@ -77,7 +78,8 @@ def build_relax(mod, target: TargetInfo, *, fast: bool = True, tune: TuneOptions
                 exec_mode: str = "bytecode") -> tuple[Any, dict[str, Any]]:
     """Build a Relax module (from :func:`to_relax`) for ``target``; the one place TVM builds.
 
-    With ``fast`` (the default) on an LLVM target, the module goes through
+    On a CUDA target, ``fast`` builds with TVM's GPU schedules, every kernel scheduled
+    (:mod:`slimfx.lowering.gpu`).  With ``fast`` (the default) on an LLVM target, the module goes through
     :func:`~slimfx.lowering.cpu_schedules.prepare` (blocked layouts, weight transforms
     lifted into ``main_transform_params``, fusion), then kernels with tuning records
     (``tune.records``, tuned first when ``tune.trials`` > 0) are built from their best
@@ -95,6 +97,8 @@ def build_relax(mod, target: TargetInfo, *, fast: bool = True, tune: TuneOptions
         if not fast or target.kind != "llvm":
             if tune is not None and tune.trials > 0:
                 raise LoweringError("tuning needs the fast lowering (fast=True) and an LLVM target")
+            if fast and target.kind == "cuda":
+                return gpu.build(mod, target, exec_mode=exec_mode)
             return relax.build(mod, target=target.tvm(), exec_mode=exec_mode), facts
         import tvm
 
@@ -223,14 +227,15 @@ def compile_graph(model: Graph | torch.nn.Module, example_inputs=None, *, target
                             tune=opts if opts.records is not None else None,
                             log=print if verbose else (lambda _msg: None), exec_mode=exec_mode)
     build_s = time.perf_counter() - t0
+    device_code = facts.pop("device_code", None) or {}  # compiled CUDA kernels, by source
     manifest = _manifest(graph, prog, info, expected)
     manifest["build"] = {"import_s": round(import_s, 3), "build_s": round(build_s, 3),
-                         "fast": fast and info.kind == "llvm", "exec_mode": exec_mode,
+                         "fast": fast and info.kind in ("llvm", "cuda"), "exec_mode": exec_mode,
                          **({"pad_channels": padded} if padded else {}),
                          **{k: v for k, v in facts.items() if k != "transform_params"}}
     if facts["transform_params"]:
         manifest["transform_params"] = facts["transform_params"]
-    compiled = CompiledModel(ex, prog.params, manifest)
+    compiled = CompiledModel(ex, prog.params, manifest, device_code=device_code)
     if check and info.local_device() is not None:
         got = compiled.run_numpy(*graph.example_inputs)
         worst, limit = 0.0, 0.0

@@ -11,8 +11,15 @@ Presets:
 ``x86-64-avx512``         x86-64 with AVX-512 (Skylake-SP and later)
 ``aarch64``               64-bit Arm, Cortex-A72-class, NEON (cross-compiled from x86)
 ``aarch64-cortex-a55``    little cores of phones
-``cuda``                  NVIDIA GPU (sm_80), host code for this machine's CPU
+``cuda``                  NVIDIA GPU: this machine's (its architecture read from the
+                          driver), else sm_80 (Ampere); host code for any CPU of this
+                          machine's architecture.
+                          Cross-build for another GPU with a dict:
+                          ``{"kind": "cuda", "arch": "sm_90"}``
 ========================  ==============================================================
+
+CUDA kernels are compiled for one architecture and run on GPUs of that major version
+with an equal or higher minor version (sm_80 code runs on sm_86, not on sm_90).
 
 >>> t = resolve_target("aarch64")
 >>> t.triple, t.vector_bits, t.is_host
@@ -59,6 +66,10 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+#: What every CUDA GPU since Volta offers (TVM warns and assumes them when they are absent).
+_CUDA_LIMITS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                "thread_warp_size": 32}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "x86-64-avx2": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
     "x86-64-avx512": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"},
@@ -66,7 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "mattr": ["+neon"], "num-cores": 4},
     "aarch64-cortex-a55": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55",
                            "mattr": ["+neon"], "num-cores": 4},
-    "cuda": {"kind": "cuda", "arch": "sm_80"},
+    "cuda": {"kind": "cuda", "arch": "sm_80", **_CUDA_LIMITS},
 }
 
 @dataclass(frozen=True)
@@ -116,21 +127,55 @@ class TargetInfo:
         """Whether code for this target runs on this machine (same architecture, CPU kind)."""
         return self.kind == "llvm" and self.triple.split("-")[0] == platform.machine()
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TargetInfo:
+        """A target dict as a manifest records it, taken as it is: no TVM compiler needed
+        (a deployed model may have only TVM's runtime), nothing validated again."""
+        return cls(config.get("tag") or config["kind"], dict(config))
+
     def local_device(self):
         """The device on this machine that runs code for this target, or ``None``."""
         import tvm
 
         if self.is_host:
             return tvm.cpu()
-        if self.kind == "cuda" and tvm.cuda(0).exist:
-            return tvm.cuda(0)
+        if self.kind == "cuda":
+            from slimfx.runtime.devices import cuda_arch, cuda_device
+
+            dev = cuda_device()
+            if dev is not None and _cuda_code_runs_on(self.config.get("arch", ""), cuda_arch(dev)):
+                return dev
         return None
+
+    def why_not_here(self) -> str:
+        """Why code for this target cannot run on this machine (for error messages)."""
+        if self.kind == "cuda":
+            from slimfx.runtime.devices import cuda_arch, cuda_device
+
+            dev = cuda_device()
+            if dev is None:
+                return "this machine has no CUDA GPU"
+            return (f"it was built for {self.config.get('arch')} and this GPU is "
+                    f"{cuda_arch(dev)}: rebuild with target={{'kind': 'cuda', 'arch': "
+                    f"'{cuda_arch(dev)}'}} (or target='cuda' on this machine)")
+        where = self.triple or self.kind
+        return f"it was built for {where}, this machine is {platform.machine()}"
 
     def tvm(self):
         """The ``tvm.target.Target``."""
         import tvm
 
         return tvm.target.Target(self.config)
+
+
+def _cuda_code_runs_on(built: str, gpu: str) -> bool:
+    """Whether cubin for ``built`` (``"sm_80"``) runs on a GPU of architecture ``gpu``:
+    the same major version, a minor version no lower."""
+    try:
+        b, g = int(built.removeprefix("sm_")), int(gpu.removeprefix("sm_"))
+    except ValueError:
+        return False
+    return b // 10 == g // 10 and g % 10 >= b % 10
 
 
 def _x86_cpu_flags() -> set[str]:
@@ -175,7 +220,17 @@ def resolve_target(target: str | dict | Any = "host") -> TargetInfo:
                                 f"{', '.join(PRESETS)}, or a TVM target dict")
         config = dict(PRESETS[target])
         if config["kind"] == "cuda":
-            config["host"] = dict(host_target().config)
+            from slimfx.runtime.devices import cuda_arch, cuda_device
+
+            dev = cuda_device()
+            if dev is not None:  # this machine's GPU, as TVM's own target detection reads it
+                config.update(arch=cuda_arch(dev),
+                              max_shared_memory_per_block=dev.max_shared_memory_per_block,
+                              max_threads_per_block=dev.max_threads_per_block,
+                              thread_warp_size=dev.warp_size)
+            # Host code (shape checks, kernel launches) for any CPU of this architecture:
+            # the GPU's machine need not have the building machine's vector units.
+            config["host"] = {"kind": "llvm", "mtriple": host_target().triple}
         else:
             config.setdefault("num-cores", physical_cores())
         return TargetInfo(target, config)
@@ -190,6 +245,9 @@ def resolve_target(target: str | dict | Any = "host") -> TargetInfo:
         raise LoweringError(f"target dict needs a 'kind' (e.g. 'llvm'): {config}")
     if config["kind"] == "llvm":
         config.setdefault("num-cores", physical_cores())
+    if config["kind"] == "cuda":
+        for key, value in _CUDA_LIMITS.items():
+            config.setdefault(key, value)
     try:
         import tvm
 

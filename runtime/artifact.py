@@ -6,6 +6,9 @@
     params.npz      the parameters, numpy's .npz (read with allow_pickle=False)
     manifest.json   inputs, outputs, target, slimfx and TVM versions, the graph summary,
                     the parity check, and a SHA-256 of each file
+    cuda-*.bin      CUDA targets built on a machine without a GPU driver: the kernels,
+                    compiled by slimfx (TVM keeps their source in model.so there and would
+                    compile it at load time; slimfx hands it these binaries instead)
 
 Loading checks the manifest's format, the TVM version (the library is native code built
 against one TVM runtime), every file's checksum, and the parameters' names and shapes,
@@ -333,7 +336,16 @@ def save(model: CompiledModel, path, *, index_coding: str = "bitpack") -> str:
         np.savez(folder / PARAMS, **{f"p{i}": p for i, p in enumerate(stored)})
         manifest["format_version"] = 1
     manifest["params"] = names
-    manifest["files"] = {name: _sha256(folder / name) for name in (LIBRARY, PARAMS)}
+    files = [LIBRARY, PARAMS]
+    manifest.pop("device_code", None)
+    if model._device_code:  # CUDA kernels compiled ahead for a library that holds their source
+        manifest["device_code"] = {}
+        for digest, binary in sorted(model._device_code.items()):
+            name = f"cuda-{digest[:16]}.bin"
+            (folder / name).write_bytes(binary)
+            manifest["device_code"][digest] = name
+            files.append(name)
+    manifest["files"] = {name: _sha256(folder / name) for name in files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return str(folder)
 
@@ -400,19 +412,26 @@ def load(path, *, remote=None) -> CompiledModel:
             if list(p.shape) != list(shape):
                 raise ArtifactError(f"corrupt artifact {folder}: parameter '{name}' has shape "
                                     f"{list(p.shape)}, the manifest says {shape}")
+    device_code = {digest: (folder / name).read_bytes()
+                   for digest, name in manifest.get("device_code", {}).items()}
     lib_path = str(folder / LIBRARY)
     if remote is not None:
         remote.upload(lib_path)
         lib = remote.load_module(LIBRARY)
         return CompiledModel(lib, params, manifest, device=remote.cpu(), library_path=lib_path)
-    from slimfx.lowering.targets import resolve_target
+    from slimfx.lowering.targets import TargetInfo
 
-    if resolve_target(manifest["target"]).local_device() is None:
-        triple = manifest["target"].get("mtriple", manifest["target"]["kind"])
-        raise ArtifactError(f"artifact {folder} was built for {triple} and cannot run on this "
-                            "machine; load it with remote=<RPC session> to run it on the device")
+    info = TargetInfo.from_config(manifest["target"])
+    if info.local_device() is None:
+        raise ArtifactError(f"artifact {folder} cannot run on this machine: "
+                            f"{info.why_not_here()}; load it with remote=<RPC session> to run "
+                            "it on the device")
+    if device_code:
+        from .devices import provide_cuda_binaries
+
+        provide_cuda_binaries(device_code)  # TVM asks for them while loading the library
     try:
         lib = tvm.runtime.load_module(lib_path)
     except Exception as e:  # TVM raises its own error types
         raise ArtifactError(f"cannot load {lib_path}: {e}") from e
-    return CompiledModel(lib, params, manifest, library_path=lib_path)
+    return CompiledModel(lib, params, manifest, library_path=lib_path, device_code=device_code)

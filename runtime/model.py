@@ -125,8 +125,12 @@ class CompiledModel:
     """
 
     def __init__(self, executable, params: Sequence[np.ndarray], manifest: dict[str, Any], *,
-                 device=None, library_path: str | None = None):
+                 device=None, library_path: str | None = None,
+                 device_code: dict[str, bytes] | None = None):
         self._executable = executable  # relax.Executable or a loaded runtime.Module
+        # CUDA kernels compiled by slimfx for a library that holds their source, by the
+        # source's SHA-256 (slimfx.lowering.gpu); saved beside the library.
+        self._device_code = dict(device_code or {})
         self._params = [np.ascontiguousarray(p) for p in params]
         self.manifest = manifest
         self.inputs = [IOSpec.from_json(d) for d in manifest["inputs"]]
@@ -152,9 +156,9 @@ class CompiledModel:
 
     @property
     def runnable_here(self) -> bool:
-        from slimfx.lowering.targets import resolve_target
+        from slimfx.lowering.targets import TargetInfo
 
-        return self._device is not None or resolve_target(self.target).local_device() is not None
+        return self._device is not None or TargetInfo.from_config(self.target).local_device() is not None
 
     def __repr__(self) -> str:
         ins = ", ".join(map(str, self.inputs))
@@ -166,22 +170,22 @@ class CompiledModel:
         if self._vm is not None:
             return self._vm
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # tvm.relax's, without TVM's compiler
 
-        from slimfx.lowering.targets import resolve_target
+        from slimfx.lowering.targets import TargetInfo
 
-        if self._device is None and not self.runnable_here:
+        info = TargetInfo.from_config(self.target)
+        dev = self._device if self._device is not None else info.local_device()
+        if dev is None:
             raise ArtifactError(
-                f"this model was built for {self.target.get('mtriple') or self.target['kind']} and "
-                "cannot run on this machine; run it on the device through RPC "
+                f"this model cannot run on this machine: {info.why_not_here()}; run it on "
+                "the device through RPC "
                 "(slimfx.runtime.load(path, remote=slimfx.runtime.rpc.connect(host, port)))")
-        dev = self._device if self._device is not None else \
-            resolve_target(self.target).local_device()
         if dev.dlpack_device_type() == 1:  # kDLCPU: all physical cores unless the user says
             from .threads import ensure_default
 
             ensure_default()
-        self._vm = relax.VirtualMachine(self._executable, dev)
+        self._vm = VirtualMachine(self._executable, dev)
         self._device_params = [tvm.runtime.tensor(p, device=dev) for p in self._params]
         self._dev = dev
         transform = self.manifest.get("transform_params")
