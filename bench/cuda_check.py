@@ -10,9 +10,12 @@ artifact, with the input and the PyTorch output of the rewritten graph (CPU, flo
 and of the original model.  ``run`` loads every artifact with :func:`slimfx.load`
 (``TVM_USE_RUNTIME_LIB=1`` works: no TVM compiler, no CUDA compiler), runs it on the GPU,
 checks it against the stored outputs with the tolerance ``slimfx.compile`` uses (1e-4
-relative to the output's largest magnitude; F(4,3) Winograd 1e-3, its documented bound),
+relative to the output's largest magnitude),
 and times it (TVM's time evaluator, median of 30 runs) against PyTorch eager on the same
 GPU, interleaved in rounds: float32, TF32 off, and with cuDNN's TF32 / autotuning on.
+PyTorch always runs the original model, so for the rewritten cases (pruned, factorized,
+shared, Winograd, FFT) the last column, against the case's first build, is the one that
+says what the rewrite bought.
 
 Cases keep their parameters small (ResNet-18 at a quarter of its width, MobileNetV2 at half) so that the artifacts travel
 to a GPU machine in a few tens of MB; compute stays that of 224x224 images.
@@ -40,7 +43,7 @@ CASES = {
     "small_resnet_winograd2": ("small_resnet", {"width": 32}, (1, 3, 56, 56),
                                "fold-bn,winograd{tile=2},dce", 1e-4),
     "small_resnet_winograd4": ("small_resnet", {"width": 32}, (1, 3, 56, 56),
-                               "fold-bn,winograd{tile=4},dce", 1e-3),
+                               "fold-bn,winograd{tile=4},dce", 1e-4),
     "small_resnet_fft": ("small_resnet", {"width": 32}, (1, 3, 56, 56),
                          "fold-bn,fft-conv{min_kernel=3},dce", 1e-4),
     "resnet18_w16_pruned": ("resnet18", {"width": 16}, (1, 3, 224, 224),
@@ -163,7 +166,8 @@ def run(folder: Path, rounds: int) -> int:
                         + ["-"] * 6)
         print(rows[-1], flush=True)
     print(format_table(["case", "kernels by rule", "max |y|", "max err / tol", "parity", "err vs model",
-                        "slimfx ms", "torch fp32 ms", "torch tf32 ms", "slimfx/torch fp32",
+                        "slimfx ms", "torch fp32 ms (original model)", "torch tf32 ms",
+                        "slimfx/torch fp32",
                         "speed-up vs first of family"], rows))
     return failures
 
