@@ -14,7 +14,10 @@ number of SGD steps on the same batch sequence):
 * Torch-Pruning (``torch-pruning``), ``MetaPruner`` with ``MagnitudeImportance(p=1)`` and
   ``global_pruning=True``, in the same N rounds with fine-tuning between; each round's
   ``pruning_ratio`` is searched (dry runs) so that the MACs follow slimfx's schedule and
-  end on slimfx's gradual result.
+  end on slimfx's gradual result; and once more one-shot, its ratio searched for the most
+  MACs within the same budget as slimfx's one-shot arms (keep x the baseline's MACs), so
+  that each slimfx method meets Torch-Pruning with the same schedule at (nearly) equal
+  MACs: with channels kept in multiples of 8 or 16, neither can hit every MAC count.
 
 slimfx prunes and fine-tunes the captured graph (``graph.gm``), whose BatchNorms are in
 inference form: fine-tuning it as is trains weights and BN affine parameters with the
@@ -58,6 +61,7 @@ from torch import nn
 import slimfx
 from slimfx.ir.printing import format_table, human
 from slimfx.passes.prune import (
+    DATA_CRITERIA,
     SCHEDULES,
     ChannelPruning,
     PruneOptions,
@@ -268,6 +272,17 @@ def finetune_graph(graph: slimfx.Graph, stream: BatchStream, steps: int, args, b
 BN_LABEL = {"train": "FT with BN in train mode", "fixed": "FT with BN stats fixed"}
 
 
+def criterion_data(criterion: str, args, data) -> dict:
+    """``data=`` / ``loss_fn=`` for a data-driven criterion: ``--criterion-batches``
+    training batches drawn with their own seed (the fine-tune batches are not touched);
+    nothing for a data-free one."""
+    if criterion not in DATA_CRITERIA:
+        return {}
+    stream = BatchStream(data[0], data[1], args.batch, args.seed + 1000)
+    batches = [stream.next() for _ in range(args.criterion_batches)]
+    return {"data": batches, "loss_fn": F.cross_entropy}
+
+
 def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str,
                    method: str | None = None, criterion: str | None = None,
                    **prune_kw) -> Result:
@@ -292,7 +307,8 @@ def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str,
         strategy="global", round_to=args.round_to, finetune=finetune, evaluate=evaluate,
         schedule=args.schedule,
         bn="fixed",  # finetune() below switches BN itself, after measuring pre-FT accuracy
-        progress=lambda s: log(f"    {method}: " + s), **prune_kw)
+        progress=lambda s: log(f"    {method}: " + s), **criterion_data(criterion, args, data),
+        **prune_kw)
     return Result(method, "", small, pre[-1], history[-1].metric)
 
 
@@ -301,7 +317,8 @@ def slimfx_oneshot(base: slimfx.Graph, keep: float, args, data, *, normalize: st
     x_tr, y_tr, x_te, y_te = data
     opts = PruneOptions(macs=keep, criterion=args.criterion, normalize=normalize, strategy=strategy,
                         round_to=args.round_to)
-    pruned = slimfx.PassManager([ChannelPruning(opts)]).run(base)
+    pruned = slimfx.PassManager(
+        [ChannelPruning(opts, **criterion_data(args.criterion, args, data))]).run(base)
     pre = accuracy(graph_forward(pruned), x_te, y_te)
     stream = BatchStream(x_tr, y_tr, args.batch, args.seed + 1)
     finetune_graph(pruned, stream, args.finetune_steps, args, bn)
@@ -321,28 +338,50 @@ def _tp_pruner(model: nn.Module, ratio: float, args, example):
         round_to=args.round_to, ignored_layers=[model.fc])
 
 
-def _tp_ratio_for(model: nn.Module, target_macs: float, args, example) -> tuple[float, int]:
-    """Bisect ``pruning_ratio`` (dry runs on copies) so that one global pruning step of
-    ``model`` leaves MACs closest to ``target_macs``; returns (ratio, MACs)."""
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(args.tp_search):
-        mid = (lo + hi) / 2
-        m = copy.deepcopy(model).eval()
-        _tp_pruner(m, mid, args, example).step()
-        macs = module_macs(m, example)
-        if best is None or abs(macs - target_macs) < abs(best[1] - target_macs):
-            best = (mid, macs)
-        if macs > target_macs:
-            lo = mid
-        else:
-            hi = mid
-        if abs(macs / target_macs - 1) < 0.002:
-            break
-    return best
+def _tp_ratio_for(model: nn.Module, target_macs: float, args, example,
+                  at_most: bool = False) -> tuple[float, int]:
+    """Search ``pruning_ratio`` (dry runs on copies) so that one global pruning step of
+    ``model`` leaves MACs closest to ``target_macs`` (``at_most``: the most MACs not above
+    it, as a budget); returns (ratio, MACs).
+
+    MACs do not fall monotonically with the ratio: past some ratio Torch-Pruning's
+    safeguards leave whole groups (or everything) unpruned.  So a coarse scan comes first,
+    then bisection inside the first pair of neighbouring ratios that brackets the target.
+    """
+    seen: dict[float, int] = {}
+
+    def macs_at(r: float) -> int:
+        if r not in seen:
+            m = copy.deepcopy(model).eval()
+            _tp_pruner(m, r, args, example).step()
+            seen[r] = module_macs(m, example)
+        return seen[r]
+
+    grid = [i / 20 for i in range(1, 19)]  # 0.05 .. 0.90
+    for r in grid:
+        macs_at(r)
+    bracket = next(((a, b) for a, b in zip(grid, grid[1:])
+                    if macs_at(a) > target_macs >= macs_at(b)), None)
+    if bracket is not None:
+        lo, hi = bracket
+        for _ in range(args.tp_search):
+            mid = (lo + hi) / 2
+            if macs_at(mid) > target_macs:
+                lo = mid
+            else:
+                hi = mid
+            if abs(seen[mid] / target_macs - 1) < 0.002:
+                break
+    fits = [(r, m) for r, m in seen.items() if not at_most or m <= target_macs]
+    # none within the budget: the closest above it (the arm's note says so)
+    return min(fits or seen.items(), key=lambda rm: (abs(rm[1] - target_macs), rm[0]))
 
 
-def torch_pruning_arm(model: nn.Module, target_macs: int, args, data, example) -> Result:
-    """Torch-Pruning global L1 pruning in ``args.steps`` rounds with fine-tuning between.
+def torch_pruning_arm(model: nn.Module, target_macs: int, args, data, example,
+                      steps: int | None = None, at_most: bool = False) -> Result:
+    """Torch-Pruning global L1 pruning in ``steps`` rounds (``args.steps`` by default; 1:
+    one-shot, the whole fine-tune budget after it) with fine-tuning between; ``at_most``:
+    ``target_macs`` is a budget, the last round lands on the most MACs within it.
 
     Each round is one ``MetaPruner(global_pruning=True).step()`` on the current
     (fine-tuned) model, its ``pruning_ratio`` bisected on dry runs so that the MACs follow
@@ -352,17 +391,18 @@ def torch_pruning_arm(model: nn.Module, target_macs: int, args, data, example) -
     global ranking its final MACs drift by several percent from a dry-run estimate.)
     """
     x_tr, y_tr, x_te, y_te = data
+    steps = steps or args.steps
     base_macs = module_macs(model, example)
     keep = target_macs / base_macs
     m = copy.deepcopy(model).eval()
     stream = BatchStream(x_tr, y_tr, args.batch, args.seed + 1)
-    budget = split_budget(args.finetune_steps, args.steps, args.final_share)
+    budget = split_budget(args.finetune_steps, steps, args.final_share)
     pre = post = 0.0
     ratios = []
-    for k in range(args.steps):
-        goal = (target_macs if k == args.steps - 1
-                else base_macs * scheduled_keep(keep, k + 1, args.steps, args.schedule))
-        ratio, _ = _tp_ratio_for(m, goal, args, example)
+    for k in range(steps):
+        goal = (target_macs if k == steps - 1
+                else base_macs * scheduled_keep(keep, k + 1, steps, args.schedule))
+        ratio, _ = _tp_ratio_for(m, goal, args, example, at_most and k == steps - 1)
         ratios.append(ratio)
         m.eval()
         _tp_pruner(m, ratio, args, example).step()
@@ -371,15 +411,17 @@ def torch_pruning_arm(model: nn.Module, target_macs: int, args, data, example) -
         train_steps(m, m.parameters(), stream, budget[k], args.finetune_lr)
         m.eval()
         post = accuracy(m, x_te, y_te)
-        log(f"    torch-pruning [prune {k + 1}/{args.steps}] pruning_ratio={ratio:.4f} MACs "
+        log(f"    torch-pruning [prune {k + 1}/{steps}] pruning_ratio={ratio:.4f} MACs "
             f"{module_macs(m, example) / base_macs:.3f}x (goal {goal / base_macs:.3f}x) "
             f"acc {pre:.2f} -> {post:.2f}")
     graph = slimfx.capture(m.eval(), example)
     note = ""
     dev = graph.macs() / target_macs - 1
     if abs(dev) > 0.02:
-        note = f"MACs {100 * dev:+.1f}% vs slimfx: no pruning_ratio came closer"
-    return Result(f"torch-pruning {_tp_version()} global L1 ({args.steps} rounds), FT in train mode",
+        note = (f"MACs {100 * dev:+.1f}% vs its budget: no pruning_ratio came closer"
+                if at_most else f"MACs {100 * dev:+.1f}% vs slimfx: no pruning_ratio came closer")
+    rounds = "one-shot" if steps == 1 else f"{steps} rounds"
+    return Result(f"torch-pruning {_tp_version()} global L1 ({rounds}), FT in train mode",
                   "", graph, pre, post, note)
 
 
@@ -469,9 +511,13 @@ def common_args(description: str) -> argparse.ArgumentParser:
                     help="SGD steps of fine-tuning per pruned model (all rounds together)")
     ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--steps", type=int, default=3, help="gradual / iterative pruning rounds")
-    ap.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "random"),
-                    help="slimfx's data-free importance criterion, every slimfx arm (Torch-Pruning's "
-                         "stays L1)")
+    ap.add_argument("--criterion", default="l1",
+                    choices=("l1", "l2", "bn_scale", "random", *DATA_CRITERIA),
+                    help="slimfx's importance criterion, every slimfx arm (Torch-Pruning's stays "
+                         "L1); taylor, activation and apoz score on --criterion-batches "
+                         "training batches (no weight update)")
+    ap.add_argument("--criterion-batches", type=int, default=8,
+                    help="training batches the data-driven criteria score on, per pruning step")
     ap.add_argument("--schedule", default="geometric", choices=SCHEDULES,
                     help="how the gradual arms spread the MACs cut over the rounds "
                          "(gradual_prune's schedule; Torch-Pruning's rounds follow it too)")
@@ -538,7 +584,12 @@ def run_seed(args) -> tuple[float, list[Result], str, torch.Tensor]:
             arms.append(slimfx_oneshot(base, keep, args, data, normalize=normalize,
                                        strategy=strategy))
         arms.append(torch_pruning_arm(model, arms[0].graph.macs(), args, data, example))
-        keys = ("sx-grad-train", "sx-grad-fixed", "sx-1-mean", "sx-1-none", "sx-1-uniform", "tp")
+        # one-shot against one-shot, with the same MAC budget (the most MACs each method's
+        # channel quanta allow within keep x the baseline's; both land within a few percent)
+        arms.append(torch_pruning_arm(model, keep * base.macs(), args, data, example, steps=1,
+                                      at_most=True))
+        keys = ("sx-grad-train", "sx-grad-fixed", "sx-1-mean", "sx-1-none", "sx-1-uniform", "tp",
+                "tp-1")
         for r, key in zip(arms, keys):
             r.target, r.key = label, key
         results += arms
@@ -628,11 +679,12 @@ def main() -> None:
           f"and one-shot); accuracies averaged over {len(seeds)} seeds:")
     index = {(r.target, r.key): i for i, r in enumerate(results)}
     for label in dict.fromkeys(r.target for r in results[1:]):
-        tp_i = index[(label, "tp")]
-        tp_acc = mean(per_seed(tp_i, "post"))
-        for key, what in (("sx-grad-train", "gradual, BN train-mode FT (same as TP)"),
-                          ("sx-grad-fixed", "gradual, BN stats fixed (graph as captured)"),
-                          ("sx-1-mean", "one-shot, BN train-mode FT")):
+        for key, what, tp_key in (
+                ("sx-grad-train", "gradual, BN train-mode FT (same as TP)", "tp"),
+                ("sx-grad-fixed", "gradual, BN stats fixed (graph as captured)", "tp"),
+                ("sx-1-mean", "one-shot, BN train-mode FT (TP one-shot)", "tp-1")):
+            tp_i = index[(label, tp_key)]
+            tp_acc = mean(per_seed(tp_i, "post"))
             i = index[(label, key)]
             ours, head = results[i], f"  {label} {what}:"
             drop = -mean(per_seed(i, "drop"))
