@@ -102,7 +102,8 @@ def test_artifact_layout_and_manifest(artifact, compiled):
 
 
 def _no_thread_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    return {k: v for k, v in os.environ.items()
+            if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
 
 
 @pytest.mark.parametrize("runtime_only", [False, True])
@@ -118,7 +119,10 @@ def test_save_load_round_trip_in_a_new_process(artifact, model, tmp_path, runtim
         f"np.save({str(tmp_path / 'y.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r})))\n"
         "assert 'conftest' not in sys.modules  # the model's class was never needed\n"
         # every physical core (TVM alone would use half the logical CPUs on x86)
-        "assert rt.num_threads() == physical_cores(), (rt.num_threads(), physical_cores())\n")
+        "assert rt.num_threads() == physical_cores(), (rt.num_threads(), physical_cores())\n"
+        # idle workers spin briefly, then sleep (TVM's default spins ~20 ms after a call)
+        "import os; from slimfx.runtime.threads import SPIN_COUNT\n"
+        "assert os.environ['TVM_THREAD_POOL_SPIN_COUNT'] == str(SPIN_COUNT)\n")
     env = {**_no_thread_env(), **({"TVM_USE_RUNTIME_LIB": "1"} if runtime_only else {})}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env=env)
@@ -132,9 +136,11 @@ def test_user_thread_count_wins(artifact, tmp_path):
         "import numpy as np, slimfx.runtime as rt\n"
         f"m = rt.load({str(artifact)!r})\n"
         "m(np.zeros((1, 3, 8, 8), 'float32'))\n"
-        "assert rt.num_threads() == 1, rt.num_threads()\n")
+        "assert rt.num_threads() == 1, rt.num_threads()\n"
+        "import os; assert os.environ['TVM_THREAD_POOL_SPIN_COUNT'] == '0'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**_no_thread_env(), "TVM_NUM_THREADS": "1"})
+                       env={**_no_thread_env(), "TVM_NUM_THREADS": "1",
+                            "TVM_THREAD_POOL_SPIN_COUNT": "0"})
     assert r.returncode == 0, r.stderr[-2000:]
 
 
