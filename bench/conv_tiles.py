@@ -12,6 +12,7 @@ what ``_conv_tile`` chooses.  Each shape is capped by the row's divisors (``(7, 
 14-wide map is 7 x 2, on a 12-wide one 6 x 2).
 
     python bench/conv_tiles.py [--rounds 3] [--tiles 14x1,7x2,4x4] [--models resnet50]
+    python bench/conv_tiles.py --blocked-reduction --rounds 5 --models resnet50,resnet18
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+import torch
 
-import torch  # noqa: E402
+import slimfx
+from slimfx import zoo
+from slimfx.ir.printing import format_table
+from slimfx.lowering import cpu_schedules
+from slimfx.lowering.targets import host_target
 
-import slimfx  # noqa: E402
-from slimfx import zoo  # noqa: E402
-from slimfx.ir.printing import format_table  # noqa: E402
-from slimfx.lowering import cpu_schedules  # noqa: E402
-from slimfx.lowering.targets import host_target  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ab.py
 
 #: (in channels, out channels, feature map side, kernel): ResNet-50's layer shapes.
 LAYERS = [(64, 256, 56, 1), (256, 64, 56, 1), (512, 128, 28, 1), (1024, 256, 14, 1),
@@ -87,13 +89,66 @@ def _shape_name(shape) -> str:
     return "default" if shape is None else f"{shape[0]}x{shape[1]}"
 
 
+def blocked_reduction(args) -> None:
+    """Each layer and model built with the reduction blocked where the schedule blocks it
+    (``cpu_schedules.BLOCK_REDUCTION_ABOVE``) and with it off, timed in alternating rounds."""
+    from ab import alternate, switched
+
+    rows = []
+    for cin, cout, side, k in LAYERS:
+        m = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, padding=k // 2),
+                                torch.nn.ReLU()).eval()
+        x = torch.randn(1, cin, side, side)
+        g = slimfx.capture(m, x)
+        on = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
+        with switched(cpu_schedules, "BLOCK_REDUCTION_ABOVE", 0):
+            off = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
+        on(x), off(x)  # warm up
+        secs = alternate({key: (lambda cm=cm, x=x: _conv_seconds(cm, x))
+                          for key, cm in (("on", on), ("off", off))}, args.rounds)
+        gflop = 2 * cin * cout * k * k * side * side / 1e9
+        a, b = statistics.median(secs["off"]), statistics.median(secs["on"])
+        tile = cpu_schedules._conv_tile(side, cout // 16, 16)
+        per_tile = k * k * cin * tile[1] * 16 * 4 // 1024
+        rows.append([f"{cin}->{cout} {side}x{side} k{k}", f"{per_tile}",
+                     "yes" if per_tile * 1024 > cpu_schedules.BLOCK_REDUCTION_ABOVE else "no",
+                     f"{gflop / a:.0f}", f"{gflop / b:.0f}", f"{a / b:.2f}x"])
+        print(" ".join(rows[-1]), flush=True)
+    print(f"\nconvolution kernel GFLOP/s, medians of {args.rounds} alternating rounds x 15 calls")
+    print(format_table(["layer", "tile weights KiB", "blocked", "off", "on", "speedup"], rows))
+    mrows = []
+    for name in [m for m in args.models.split(",") if m]:
+        model = getattr(zoo, name)().eval()
+        x = torch.randn(1, 3, 224, 224)
+        g = slimfx.capture(model, x)
+        built = {}
+        for pipe in ("fold-bn,dce", "fold-bn,select-conv-algo{by=model},dce"):
+            built[(pipe, "on")] = slimfx.compile(g, target="host", pipeline=pipe)
+            with switched(cpu_schedules, "BLOCK_REDUCTION_ABOVE", 0):
+                built[(pipe, "off")] = slimfx.compile(g, target="host", pipeline=pipe)
+        ms = alternate({k: (lambda cm=cm, x=x: cm.benchmark(x, repeat=10).median_ms)
+                        for k, cm in built.items()}, args.rounds)
+        for pipe in ("fold-bn,dce", "fold-bn,select-conv-algo{by=model},dce"):
+            a, b = statistics.median(ms[(pipe, "off")]), statistics.median(ms[(pipe, "on")])
+            mrows.append([name, pipe, f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}x"])
+    if mrows:
+        print(f"\nwhole models, 1x3x224x224, ms (medians of {args.rounds} rounds x 10 runs)")
+        print(format_table(["model", "pipeline", "off", "on", "speedup"], mrows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tiles", default="14x1,7x2,4x4,12x2",
                     help="tile shapes compared with the default, PIXELSxVECTORS")
     ap.add_argument("--models", default="", help="zoo models timed whole: default vs 14x1")
+    ap.add_argument("--blocked-reduction", action="store_true",
+                    help="instead: the reduction blocked (where the schedule does) vs not, "
+                         "per layer and for --models")
     args = ap.parse_args()
+    if args.blocked_reduction:
+        blocked_reduction(args)
+        return
     shapes = [None] + [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",") if t]
     torch.manual_seed(0)
     rows = []

@@ -59,6 +59,29 @@ def test_conv_matches_pytorch(name, monkeypatch):
         assert kinds.get("conv", 0) == (0 if name == "grouped-tiny" else 1)
 
 
+@pytest.mark.parametrize("cin,cout,k,size", [
+    (1024, 32, 1, 6),  # 1x1 with a long reduction: 128 KiB of weights per register tile
+    (256, 32, 3, 7),  # 3x3: 295 KiB per tile, one input chunk per block, all 7 rows a task
+])
+@pytest.mark.parametrize("serial", [False, True])
+def test_long_reductions_are_blocked(cin, cout, k, size, serial, monkeypatch):
+    monkeypatch.setattr(cs, "SERIAL_BELOW", 1 << 30 if serial else 0)
+    monkeypatch.setattr(cs, "SERIAL_MAX_ELEMENTS", 1 << 30 if serial else 1 << 14)
+    used = []
+    real = cs._schedule_conv_blocked_reduction
+    monkeypatch.setattr(cs, "_schedule_conv_blocked_reduction",
+                        lambda *a: used.append(a) or real(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2), nn.ReLU())
+    cm = _check(model, torch.randn(1, cin, size, size))
+    assert used and cm.manifest["build"]["kernels"].get("conv") == 1
+    assert (cm.manifest["build"]["serial_kernels"] > 0) == serial  # (layouts too, when serial)
+    used.clear()
+    monkeypatch.setattr(cs, "BLOCK_REDUCTION_ABOVE", 0)  # the switch turns it off
+    _check(model, torch.randn(1, cin, size, size))
+    assert not used
+
+
 def test_small_kernels_run_on_one_thread(monkeypatch):
     """Kernels under SERIAL_BELOW iterations and SERIAL_MAX_ELEMENTS elements lose their
     parallel loops (the pool's hand-off cost as much as the work); larger ones keep them."""
