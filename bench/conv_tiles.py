@@ -85,6 +85,13 @@ def _conv_seconds(compiled, x, calls: int = 15) -> float:
     return statistics.median(times)
 
 
+def _layer(cin: int, cout: int, side: int, k: int):
+    """One convolution with ReLU, "same" padding, captured: (graph, input)."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, padding=k // 2), torch.nn.ReLU()).eval()
+    x = torch.randn(1, cin, side, side)
+    return slimfx.capture(m, x), x
+
+
 def _shape_name(shape) -> str:
     return "default" if shape is None else f"{shape[0]}x{shape[1]}"
 
@@ -96,10 +103,7 @@ def blocked_reduction(args) -> None:
 
     rows = []
     for cin, cout, side, k in LAYERS:
-        m = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, padding=k // 2),
-                                torch.nn.ReLU()).eval()
-        x = torch.randn(1, cin, side, side)
-        g = slimfx.capture(m, x)
+        g, x = _layer(cin, cout, side, k)
         on = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
         with switched(cpu_schedules, "BLOCK_REDUCTION_ABOVE", 0):
             off = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
@@ -153,10 +157,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for cin, cout, side, k in LAYERS:
-        m = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, padding=k // 2),
-                                torch.nn.ReLU()).eval()
-        x = torch.randn(1, cin, side, side)
-        g = slimfx.capture(m, x)
+        g, x = _layer(cin, cout, side, k)
         built = {s: _build(g, s) for s in shapes}
         secs: dict = {s: [] for s in shapes}
         for _ in range(args.rounds):

@@ -919,17 +919,22 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
     acc = sch.cache_write(block, 0, _ACC_SCOPE)
     sch.reverse_compute_at(acc, owo)
     _tile_epilogue(sch, acc, owo, lanes)
-    par = sch.fuse(*outer)
-    sch.parallel(par)
+    sch.parallel(sch.fuse(*outer))
+    _finish_conv_tile(sch, block, acc, first_r)
+    sch.unroll(sch.get_loops(acc)[-2])  # the tile's pixels, written back
+    _schedule_pad(sch)
+
+
+def _finish_conv_tile(sch, block, acc, first_reduction) -> None:
+    """The register tile innermost: output channels a vector, its pixels and channel
+    vectors unrolled; the reduction's init split out at ``first_reduction``; the write-back
+    of the accumulators vectorized."""
     lp = sch.get_loops(block)
     sch.vectorize(lp[-1])
     sch.unroll(lp[-2])
     sch.unroll(lp[-3])
-    _decompose(sch, block, first_r)
-    wl = sch.get_loops(acc)
-    sch.vectorize(wl[-1])
-    sch.unroll(wl[-2])
-    _schedule_pad(sch)
+    _decompose(sch, block, first_reduction)
+    sch.vectorize(sch.get_loops(acc)[-1])
 
 
 #: Convolutions whose register tile reads more weights than this (bytes: its output
@@ -981,15 +986,10 @@ def _schedule_conv_blocked_reduction(sch, block, lanes: int, reg: int, oct: int)
     sch.reorder(n, occ_o, oh_o, icc_o, oh_i, owo, icc_in, kh, kw, icb, occ_i, owi, ocb)
     acc = sch.cache_write(block, 0, _ACC_SCOPE)
     par = sch.fuse(n, occ_o, oh_o)
-    sch.reverse_compute_at(acc, par)
+    sch.reverse_compute_at(acc, par)  # the task's accumulators, written back after all blocks
     _tile_epilogue(sch, acc, par, lanes)
     sch.parallel(par)
-    lp = sch.get_loops(block)
-    sch.vectorize(lp[-1])
-    sch.unroll(lp[-2])
-    sch.unroll(lp[-3])
-    _decompose(sch, block, icc_o)
-    sch.vectorize(sch.get_loops(acc)[-1])
+    _finish_conv_tile(sch, block, acc, icc_o)
     _schedule_pad(sch)
 
 
