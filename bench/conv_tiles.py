@@ -12,6 +12,7 @@ what ``_conv_tile`` chooses.  Each shape is capped by the row's divisors (``(7, 
 14-wide map is 7 x 2, on a 12-wide one 6 x 2).
 
     python bench/conv_tiles.py [--rounds 3] [--tiles 14x1,7x2,4x4] [--models resnet50]
+    python bench/conv_tiles.py --ab SQUARE_TILES --rounds 5 --models resnet50,mobilenet_v2
     python bench/conv_tiles.py --blocked-reduction --rounds 5 --models resnet50,resnet18
 """
 
@@ -37,6 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ab.py
 LAYERS = [(64, 256, 56, 1), (256, 64, 56, 1), (512, 128, 28, 1), (1024, 256, 14, 1),
           (256, 1024, 14, 1), (2048, 512, 7, 1), (64, 64, 56, 3), (128, 128, 28, 3),
           (256, 256, 14, 3), (512, 512, 7, 3)]
+#: More layers for the --ab comparisons: ResNet's wider maps, MobileNetV2's 1x1 layers.
+EXTRA_LAYERS = [(128, 128, 56, 3), (256, 256, 28, 3), (144, 24, 56, 1),
+                (384, 64, 28, 1), (32, 192, 28, 1)]
 
 _DEFAULT_TILE = cpu_schedules._conv_tile
 
@@ -46,7 +50,7 @@ def _tile_fn(shape: tuple[int, int] | None):
         return _DEFAULT_TILE
     px, vecs = shape
 
-    def tile(ow: int, occ: int, lanes: int) -> tuple[int, int]:
+    def tile(ow: int, occ: int, lanes: int, long_reduction: bool = False) -> tuple[int, int]:
         return (cpu_schedules._largest_divisor(ow, px),
                 cpu_schedules._largest_divisor(occ, vecs))
 
@@ -96,30 +100,49 @@ def _shape_name(shape) -> str:
     return "default" if shape is None else f"{shape[0]}x{shape[1]}"
 
 
-def blocked_reduction(args) -> None:
-    """Each layer and model built with the reduction blocked where the schedule blocks it
-    (``cpu_schedules.BLOCK_REDUCTION_ABOVE``) and with it off, timed in alternating rounds."""
+#: --ab switches: the module-level flag of cpu_schedules and its "off" value.
+SWITCHES = {"BLOCK_REDUCTION_ABOVE": 0, "SQUARE_TILES": False}
+
+
+def _tile_desc(cin: int, cout: int, side: int, k: int) -> str:
+    """The register tile (pixels x vectors) the schedule picks for a ResNet-style layer,
+    and the weight KiB one tile streams, where it would block the reduction."""
+    cb = cpu_schedules.channel_block(cout, 16)
+    px, vecs = cpu_schedules._conv_tile(side, cout // cb, 16, cin * k * k >= 2 * cout)
+    kib = k * k * cin * vecs * cb * 4 // 1024
+    blocked = cpu_schedules.BLOCK_REDUCTION_ABOVE and kib * 1024 > cpu_schedules.BLOCK_REDUCTION_ABOVE
+    return f"{px}x{vecs}, {kib} KiB{' blocked' if blocked else ''}"
+
+
+def switch_ab(args) -> None:
+    """Each layer and model built with a lowering switch on (its default) and off, timed
+    in alternating rounds."""
     from ab import alternate, switched
 
+    flag = args.ab
+    if flag not in SWITCHES:
+        raise SystemExit(f"--ab: unknown switch {flag!r}; one of {', '.join(SWITCHES)}")
+    off_value = SWITCHES[flag]
     rows = []
-    for cin, cout, side, k in LAYERS:
+    for cin, cout, side, k in LAYERS + EXTRA_LAYERS:
         g, x = _layer(cin, cout, side, k)
         on = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
-        with switched(cpu_schedules, "BLOCK_REDUCTION_ABOVE", 0):
+        tile_on = _tile_desc(cin, cout, side, k)
+        with switched(cpu_schedules, flag, off_value):
             off = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
+            tile_off = _tile_desc(cin, cout, side, k)
         on(x), off(x)  # warm up
         secs = alternate({key: (lambda cm=cm, x=x: _conv_seconds(cm, x))
                           for key, cm in (("on", on), ("off", off))}, args.rounds)
         gflop = 2 * cin * cout * k * k * side * side / 1e9
         a, b = statistics.median(secs["off"]), statistics.median(secs["on"])
-        tile = cpu_schedules._conv_tile(side, cout // 16, 16)
-        per_tile = k * k * cin * tile[1] * 16 * 4 // 1024
-        rows.append([f"{cin}->{cout} {side}x{side} k{k}", f"{per_tile}",
-                     "yes" if per_tile * 1024 > cpu_schedules.BLOCK_REDUCTION_ABOVE else "no",
+        rows.append([f"{cin}->{cout} {side}x{side} k{k}", tile_off, tile_on,
                      f"{gflop / a:.0f}", f"{gflop / b:.0f}", f"{a / b:.2f}x"])
         print(" ".join(rows[-1]), flush=True)
-    print(f"\nconvolution kernel GFLOP/s, medians of {args.rounds} alternating rounds x 15 calls")
-    print(format_table(["layer", "tile weights KiB", "blocked", "off", "on", "speedup"], rows))
+    print(f"\n{flag}: convolution kernel GFLOP/s off ({flag}={off_value}) and on (default), "
+          f"medians of {args.rounds} alternating rounds x 15 calls; tile: pixels x vectors, "
+          "weight KiB a tile streams")
+    print(format_table(["layer", "tile off", "tile on", "off", "on", "speedup"], rows))
     mrows = []
     for name in [m for m in args.models.split(",") if m]:
         model = getattr(zoo, name)().eval()
@@ -128,13 +151,14 @@ def blocked_reduction(args) -> None:
         built = {}
         for pipe in ("fold-bn,dce", "fold-bn,select-conv-algo{by=model},dce"):
             built[(pipe, "on")] = slimfx.compile(g, target="host", pipeline=pipe)
-            with switched(cpu_schedules, "BLOCK_REDUCTION_ABOVE", 0):
+            with switched(cpu_schedules, flag, off_value):
                 built[(pipe, "off")] = slimfx.compile(g, target="host", pipeline=pipe)
         ms = alternate({k: (lambda cm=cm, x=x: cm.benchmark(x, repeat=10).median_ms)
                         for k, cm in built.items()}, args.rounds)
         for pipe in ("fold-bn,dce", "fold-bn,select-conv-algo{by=model},dce"):
             a, b = statistics.median(ms[(pipe, "off")]), statistics.median(ms[(pipe, "on")])
             mrows.append([name, pipe, f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}x"])
+            print(" ".join(mrows[-1]), flush=True)
     if mrows:
         print(f"\nwhole models, 1x3x224x224, ms (medians of {args.rounds} rounds x 10 runs)")
         print(format_table(["model", "pipeline", "off", "on", "speedup"], mrows))
@@ -146,12 +170,14 @@ def main() -> None:
     ap.add_argument("--tiles", default="14x1,7x2,4x4,12x2",
                     help="tile shapes compared with the default, PIXELSxVECTORS")
     ap.add_argument("--models", default="", help="zoo models timed whole: default vs 14x1")
-    ap.add_argument("--blocked-reduction", action="store_true",
-                    help="instead: the reduction blocked (where the schedule does) vs not, "
-                         "per layer and for --models")
+    ap.add_argument("--ab", metavar="SWITCH",
+                    help="instead: a lowering switch on vs off, per layer and for --models: "
+                         + ", ".join(SWITCHES))
+    ap.add_argument("--blocked-reduction", action="store_const", dest="ab",
+                    const="BLOCK_REDUCTION_ABOVE", help="the same as --ab BLOCK_REDUCTION_ABOVE")
     args = ap.parse_args()
-    if args.blocked_reduction:
-        blocked_reduction(args)
+    if args.ab:
+        switch_ab(args)
         return
     shapes = [None] + [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",") if t]
     torch.manual_seed(0)

@@ -828,7 +828,12 @@ def _max_reg(lanes: int) -> int:
     return 14 if lanes >= 16 else 8 if lanes >= 8 else 12
 
 
-def _conv_tile(ow: int, occ: int, lanes: int) -> tuple[int, int]:
+#: Convolutions whose reduction is long next to their output channels take 4 pixels x 4
+#: channel vectors tiles where the row and channels divide (see :func:`_conv_tile`).
+SQUARE_TILES = True
+
+
+def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False) -> tuple[int, int]:
     """(pixels, channel chunks) of a convolution's register tile.
 
     About ``_max_reg`` accumulators: up to 7 pixels x two vectors of output channels, so
@@ -838,8 +843,22 @@ def _conv_tile(ow: int, occ: int, lanes: int) -> tuple[int, int]:
     on AVX-512 (``bench/conv_tiles.py``, one run): 1x1 convolutions 1.1-1.5x faster;
     3x3 0.98-1.01x, but 0.85x on 256 channels at 14x14; whole models resnet50 1.24x,
     resnet18 1.11x, mobilenet_v2 1.22x, densenet 0.96x.
+
+    With 32 vector registers, a ``long_reduction`` (input values per output at least twice
+    the output channels: the reducing 1x1 convolutions, 3x3 layers) on a row divisible by
+    4 takes 4 pixels x 4 vectors (3 where the channels come in 3 chunks): a broadcast feeds
+    four FMAs and the input map is read once per 4 channel vectors instead of once per 2 --
+    these layers' inputs outgrow L2 (256 channels at 56x56 is 3.2 MB).  Measured against
+    7 x 2 (``bench/conv_tiles.py``, 5 rounds): 256 -> 64 at 56x56 1.27x, 512 -> 128 at
+    28x28 1.29x, MobileNetV2's 144 -> 24 at 56x56 1.75x and 384 -> 64 at 28x28 1.59x, 3x3
+    layers 1.02-1.08x; expanding 1x1 layers (64 -> 256, 128 -> 512) lose (0.88-0.97x) and
+    keep 7 x 2.
     """
     limit = _max_reg(lanes)
+    if SQUARE_TILES and long_reduction and lanes >= 16 and ow % 4 == 0 and occ >= 3:
+        chunks = _largest_divisor(occ, 4)
+        if chunks >= 3:
+            return 4, chunks
     if occ % 2 == 0:
         r2 = _largest_divisor(ow, limit // 2)
         if r2 >= min(4, ow):
@@ -896,7 +915,10 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
         n, occ, oh, ow, ocb, kh, kw = loops
     else:
         n, occ, oh, ow, ocb, icc, kh, kw, icb = loops
-    reg, oct = _conv_tile(_extent(sch, ow), _extent(sch, occ), lanes)
+    ext = [_extent(sch, lp) or 1 for lp in loops[1:]]
+    long_reduction = (not depthwise and ext[4] * ext[5] * ext[6] * ext[7]
+                      >= 2 * ext[0] * ext[3])  # icc*kh*kw*icb >= 2 * occ*ocb
+    reg, oct = _conv_tile(_extent(sch, ow), _extent(sch, occ), lanes, long_reduction)
     if depthwise:
         oct = 1
     elif _blocked_reduction(sch, loops, reg, oct) is not None:

@@ -402,6 +402,37 @@ def test_conv_register_tile(ow, occ, lanes, tile):
     assert cs._conv_tile(ow, occ, lanes) == tile
 
 
+@pytest.mark.parametrize("ow, occ, lanes, tile", [
+    (56, 4, 16, (4, 4)),    # a long reduction: 4 pixels x 4 vectors
+    (28, 8, 16, (4, 4)),
+    (56, 3, 16, (4, 3)),    # 24 channels in 8-wide blocks: 3 chunks
+    (14, 16, 16, (7, 2)),   # the row is not a multiple of 4
+    (56, 2, 16, (7, 2)),    # too few chunks
+    (56, 4, 8, (4, 2)),     # AVX2's 16 registers: unchanged
+])
+def test_conv_register_tile_long_reduction(ow, occ, lanes, tile, monkeypatch):
+    assert cs._conv_tile(ow, occ, lanes, long_reduction=True) == tile
+    monkeypatch.setattr(cs, "SQUARE_TILES", False)  # the switch turns it off
+    assert cs._conv_tile(ow, occ, lanes, long_reduction=True) == cs._conv_tile(ow, occ, lanes)
+
+
+@pytest.mark.parametrize("cin, cout, k", [(128, 64, 1), (48, 24, 1), (32, 64, 3)])
+def test_square_tiles_compile_and_match(cin, cout, k, monkeypatch):
+    """Reducing convolutions get the 4 x 4 (or 4 x 3) tile, the 3x3 one in the blocked-
+    reduction schedule too, and match PyTorch; expanding ones keep the 7 x 2 tile."""
+    tiles = []
+    real = cs._conv_tile
+    monkeypatch.setattr(cs, "_conv_tile", lambda *a: tiles.append((a[-1], real(*a))) or tiles[-1][1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2), nn.ReLU(),
+                          nn.Conv2d(cout, 4 * cout, 1))
+    _check(model, torch.randn(1, cin, 8, 8))
+    assert sorted(long for long, _ in tiles) == [False, True]  # the reducing conv, the expanding
+    if cs.vector_lanes(host_target()) >= 16:
+        for long, (pixels, vectors) in tiles:
+            assert (pixels, vectors >= 3) == (4, True) if long else vectors <= 2, tiles
+
+
 class _Sdpa(nn.Module):
     def __init__(self, causal: bool = False, mask: bool = False):
         super().__init__()
