@@ -11,6 +11,7 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py --layers 256x14x3,256x7x3 --models ''   # some grid points
     python bench/fast_conv.py --layers 256x14x3 --packing --models ''  # U packed vs not
     python bench/fast_conv.py --fit        # also refit select-conv-algo's cost model
+    python bench/fast_conv.py --warm       # layers timed warm (default: cold, as in a model)
     python bench/fast_conv.py --layers 64x56x3 --layouts  # Winograd blocked vs NCHW
 
 The header also prints the streaming floor: the F(4,3) GEMM kernel at one row reading a
@@ -49,14 +50,14 @@ def _algos(kernel: int) -> list[str]:
     return ["direct", "winograd2", "winograd4", "fft"] if kernel == 3 else ["direct", "fft"]
 
 
-def _time_rounds(models: dict, x, rounds: int, runs: int) -> dict[str, float]:
+def _time_rounds(models: dict, x, rounds: int, runs: int, cold: bool = False) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in models}
     xs = x.numpy()
     for cm in models.values():
         cm.benchmark(xs, repeat=2, warmup=2)
     for _ in range(rounds):
         for k, cm in models.items():
-            times[k].append(cm.benchmark(xs, repeat=runs, warmup=1).median_ms)
+            times[k].append(cm.benchmark(xs, repeat=runs, warmup=1, cold=cold).median_ms)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -133,8 +134,10 @@ def bench_packing(grid, rounds: int, runs: int) -> list[list]:
     return rows
 
 
-def bench_layers(grid, rounds: int, runs: int, measured: list | None = None) -> list[list]:
-    """One row per layer; ``measured`` (if given) collects ``(ConvParams, {algo: ms})``."""
+def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
+                 cold: bool = True) -> list[list]:
+    """One row per layer; ``measured`` (if given) collects ``(ConvParams, {algo: ms})``.
+    ``cold``: caches flushed before each run, as ``select-conv-algo{by=measure}`` times."""
     rows = []
     for cin, size, k in grid:
         torch.manual_seed(0)
@@ -145,7 +148,7 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None) -> 
             cm = slimfx.compile(conv, x, pipeline=fc._pipeline_of(a),
                                 atol=fc.WINOGRAD_TOLERANCE[4], verbose=False)
             built[a], errs[a] = cm, cm.parity["max_abs_error"]
-        ms = _time_rounds(built, x, rounds, runs)
+        ms = _time_rounds(built, x, rounds, runs, cold)
         p = fc.ConvParams(cin, cin, k, (k // 2, k // 2), tuple(x.shape), tuple(x.shape))
         if measured is not None:
             measured.append((p, ms))
@@ -271,6 +274,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=112, help="model input height/width")
     ap.add_argument("--layouts", action="store_true",
                     help="also time the models with Winograd in the blocked layout vs in NCHW")
+    ap.add_argument("--warm", action="store_true",
+                    help="time layers warm, run after run (default: caches flushed before each "
+                         "run, as select-conv-algo measures and as a layer runs in a model)")
     ap.add_argument("--fit", action="store_true",
                     help="refit select-conv-algo's cost model (fast_conv.MODEL) to the layers")
     args = ap.parse_args()
@@ -282,7 +288,7 @@ def main() -> None:
         if any(len(g) != 3 for g in grid):
             ap.error(f"--layers takes CxSIZExK items, got {args.layers!r}")
     measured: list = []
-    layer_rows = bench_layers(grid, args.rounds, args.runs, measured)
+    layer_rows = bench_layers(grid, args.rounds, args.runs, measured, cold=not args.warm)
     fit = fit_model(measured) if args.fit else None
     if fit:
         fc.MODEL.update(fit[0])  # the whole-model by=model rows below use the fitted model
@@ -295,7 +301,9 @@ def main() -> None:
     print(f"\ntarget host ({t.config['mcpu']}, {t.num_cores} cores, {t.vector_bits}-bit vectors), "
           f"no tuning; medians of {args.rounds} alternating rounds x {args.runs} runs; "
           "ratio = direct / algorithm (> 1: faster than direct)")
-    print("\nper layer (Cin = Cout, stride 1, 'same' padding), compiled latency in ms")
+    print("\nper layer (Cin = Cout, stride 1, 'same' padding), compiled latency in ms, "
+          + ("warm (run after run)" if args.warm else
+             f"cold (caches flushed: {slimfx.runtime.model.FLUSH_BYTES >> 20} MiB written before each run)"))
     print(f"streaming the packed F(4,3) weights of a 256-channel layer (9.4 MB) through the GEMM "
           f"kernel at one row (no reuse): {s_ms:.3f} ms = {s_gbps:.1f} GB/s, the floor of any "
           "F(4,3) layer of 256 channels")

@@ -47,6 +47,11 @@ class IOSpec:
         return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
 
 
+#: Bytes written before each run of ``benchmark(cold=True)``: more than the last-level cache
+#: holds of one model's data on the CPUs slimfx is measured on.
+FLUSH_BYTES = 256 << 20
+
+
 @dataclass(frozen=True)
 class Latency:
     """Latency statistics over ``runs`` timed runs, in milliseconds."""
@@ -243,19 +248,44 @@ class CompiledModel:
             outs = tuple(torch.from_numpy(o) for o in outs)
         return outs[0] if len(outs) == 1 else outs
 
-    def benchmark(self, *inputs, repeat: int = 20, number: int = 1, warmup: int = 3) -> Latency:
+    def benchmark(self, *inputs, repeat: int = 20, number: int = 1, warmup: int = 3,
+                  cold: bool = False) -> Latency:
         """Time ``repeat`` runs (each the mean of ``number`` calls) after ``warmup`` calls.
 
         Uses TVM's time evaluator on the model's device, so remote (RPC) runs are timed on
         the device, not across the network.  Inputs default to zeros of the right shape.
+
+        ``cold``: before each run (``number`` must be 1), write :data:`FLUSH_BYTES` of
+        memory so the caches hold none of the model's weights, as for a layer inside a
+        model larger than the caches (the weights then come from memory; a model timed
+        warm, run after run, keeps them cached).  Local CPU models only.
         """
         if not inputs:
             inputs = tuple(np.zeros(s.shape, dtype=s.dtype) for s in self.inputs)
         self._set_inputs(inputs)
         for _ in range(warmup):
             self._vm.invoke_stateful("main")
+        if cold:
+            return self._benchmark_cold(repeat, number)
         timer = self._vm.time_evaluator("invoke_stateful", self._dev, number=number, repeat=repeat)
         times = [t * 1e3 for t in timer("main").results]
+        return Latency(statistics.median(times), min(times), max(times), len(times))
+
+    def _benchmark_cold(self, repeat: int, number: int) -> Latency:
+        import time
+
+        if self._device is not None or self._dev.dlpack_device_type() != 1:  # kDLCPU
+            raise ArtifactError("benchmark(cold=True) flushes this machine's CPU caches: it "
+                                "times local CPU models only")
+        if number != 1:
+            raise ValueError(f"benchmark(cold=True) times one call per run (number=1), got number={number}")
+        flush = np.ones(FLUSH_BYTES // 4, dtype=np.float32)
+        times = []
+        for _ in range(repeat):
+            flush += 1.0  # every line written: the model's data evicted
+            t0 = time.perf_counter()
+            self._vm.invoke_stateful("main")
+            times.append((time.perf_counter() - t0) * 1e3)
         return Latency(statistics.median(times), min(times), max(times), len(times))
 
     def profile(self, *inputs, repeat: int = 10, warmup: int = 2) -> Profile:

@@ -256,6 +256,18 @@ def test_select_by_measure_keeps_direct_when_the_whole_model_is_slower(monkeypat
         assert "1.200 ms vs 1.000 ms direct" in stats["rolled_back"]
 
 
+@pytest.mark.parametrize("spec, cold", [("select-conv-algo{by=measure}", True),
+                                        ("select-conv-algo{by=measure,cold=false}", False)])
+def test_select_by_measure_times_layers_cold(monkeypatch, spec, cold):
+    # layers are timed with their weights out of the caches, as inside a model
+    seen = []
+    monkeypatch.setattr(fc, "measure_layer", lambda p, algos, *a, **k: seen.append(k["cold"]) or {
+        a: 1.0 for a in algos})
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()).eval()
+    slimfx.PassManager(spec).run(model, torch.randn(1, 16, 8, 8))
+    assert seen == [cold]
+
+
 # --------------------------------------------------------------------------- compiled
 class Net(nn.Module):
     """A stem (direct, blocked layout), Winograd convs with ReLU and a residual add

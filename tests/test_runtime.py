@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ConvBnRelu, randomize_bn
+from torch import nn
 
 import slimfx
 from slimfx.lowering import LoweringError
@@ -45,6 +46,23 @@ def test_torch_in_torch_out_numpy_in_numpy_out(compiled, model):
 def test_benchmark_statistics(compiled):
     lat = compiled.benchmark(repeat=7)
     assert lat.runs == 7 and 0 < lat.min_ms <= lat.median_ms <= lat.max_ms
+
+
+def test_cold_benchmark_flushes_the_caches_before_each_run(monkeypatch):
+    """A layer whose 16 MiB of weights stay cached run after run reads them from memory
+    when timed cold; one call per run, never ``number`` > 1."""
+    from slimfx.runtime import model as rm
+
+    torch.manual_seed(0)
+    big = slimfx.compile(nn.Linear(2048, 2048, bias=False).eval(), torch.randn(1, 2048))
+    warm = big.benchmark(repeat=15)
+    cold = big.benchmark(repeat=15, cold=True)
+    assert cold.runs == 15 and 0 < cold.min_ms <= cold.median_ms <= cold.max_ms
+    assert cold.median_ms > 1.2 * warm.median_ms, (cold, warm)  # ~4x measured
+    with pytest.raises(ValueError, match="number=1"):
+        big.benchmark(repeat=2, number=3, cold=True)
+    monkeypatch.setattr(rm, "FLUSH_BYTES", 4 << 10)  # a flush the cache absorbs: warm again
+    assert big.benchmark(repeat=15, cold=True).median_ms < cold.median_ms
 
 
 def test_profile_names_every_kernel_and_sums_to_the_run(compiled):
