@@ -40,7 +40,8 @@ LAYERS = [(64, 256, 56, 1), (256, 64, 56, 1), (512, 128, 28, 1), (1024, 256, 14,
           (256, 256, 14, 3), (512, 512, 7, 3)]
 #: More layers for the --ab comparisons: ResNet's wider maps, MobileNetV2's 1x1 layers.
 EXTRA_LAYERS = [(128, 128, 56, 3), (256, 256, 28, 3), (144, 24, 56, 1),
-                (384, 64, 28, 1), (32, 192, 28, 1)]
+                (384, 64, 28, 1), (32, 192, 28, 1), (80, 80, 28, 1), (240, 80, 14, 1),
+                (80, 240, 14, 1), (24, 144, 56, 1), (80, 80, 14, 3)]
 
 _DEFAULT_TILE = cpu_schedules._conv_tile
 
@@ -50,7 +51,8 @@ def _tile_fn(shape: tuple[int, int] | None):
         return _DEFAULT_TILE
     px, vecs = shape
 
-    def tile(ow: int, occ: int, lanes: int, long_reduction: bool = False) -> tuple[int, int]:
+    def tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
+             pointwise: bool = False) -> tuple[int, int]:
         return (cpu_schedules._largest_divisor(ow, px),
                 cpu_schedules._largest_divisor(occ, vecs))
 
@@ -96,19 +98,30 @@ def _layer(cin: int, cout: int, side: int, k: int):
     return slimfx.capture(m, x), x
 
 
+def _model(name: str) -> torch.nn.Module:
+    """A zoo model, or one of bench/latency.py's transformers models (efficientnet_b0, ...)."""
+    if hasattr(zoo, name):
+        return getattr(zoo, name)().eval()
+    from latency import HF
+
+    if name not in HF:
+        raise SystemExit(f"--models: {name!r} is neither a zoo model nor one of {', '.join(HF)}")
+    return HF[name]().eval()
+
+
 def _shape_name(shape) -> str:
     return "default" if shape is None else f"{shape[0]}x{shape[1]}"
 
 
 #: --ab switches: the module-level flag of cpu_schedules and its "off" value.
-SWITCHES = {"BLOCK_REDUCTION_ABOVE": 0, "SQUARE_TILES": False}
+SWITCHES = {"BLOCK_REDUCTION_ABOVE": 0, "SQUARE_TILES": False, "ODD_CHUNK_TILES": False}
 
 
 def _tile_desc(cin: int, cout: int, side: int, k: int) -> str:
     """The register tile (pixels x vectors) the schedule picks for a ResNet-style layer,
     and the weight KiB one tile streams, where it would block the reduction."""
     cb = cpu_schedules.channel_block(cout, 16)
-    px, vecs = cpu_schedules._conv_tile(side, cout // cb, 16, cin * k * k >= 2 * cout)
+    px, vecs = cpu_schedules._conv_tile(side, cout // cb, 16, cin * k * k >= 2 * cout, k == 1)
     kib = k * k * cin * vecs * cb * 4 // 1024
     blocked = cpu_schedules.BLOCK_REDUCTION_ABOVE and kib * 1024 > cpu_schedules.BLOCK_REDUCTION_ABOVE
     return f"{px}x{vecs}, {kib} KiB{' blocked' if blocked else ''}"
@@ -145,7 +158,7 @@ def switch_ab(args) -> None:
     print(format_table(["layer", "tile off", "tile on", "off", "on", "speedup"], rows))
     mrows = []
     for name in [m for m in args.models.split(",") if m]:
-        model = getattr(zoo, name)().eval()
+        model = _model(name)
         x = torch.randn(1, 3, 224, 224)
         g = slimfx.capture(model, x)
         built = {}
@@ -169,7 +182,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tiles", default="14x1,7x2,4x4,12x2",
                     help="tile shapes compared with the default, PIXELSxVECTORS")
-    ap.add_argument("--models", default="", help="zoo models timed whole: default vs 14x1")
+    ap.add_argument("--models", default="",
+                    help="zoo models (or bench/latency.py's transformers ones with --ab) timed "
+                         "whole: default vs 14x1")
     ap.add_argument("--ab", metavar="SWITCH",
                     help="instead: a lowering switch on vs off, per layer and for --models: "
                          + ", ".join(SWITCHES))

@@ -831,9 +831,12 @@ def _max_reg(lanes: int) -> int:
 #: Convolutions whose reduction is long next to their output channels take 4 pixels x 4
 #: channel vectors tiles where the row and channels divide (see :func:`_conv_tile`).
 SQUARE_TILES = True
+#: 1x1 convolutions with an odd number of channel chunks take several chunks per tile.
+ODD_CHUNK_TILES = True
 
 
-def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False) -> tuple[int, int]:
+def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
+               pointwise: bool = False) -> tuple[int, int]:
     """(pixels, channel chunks) of a convolution's register tile.
 
     About ``_max_reg`` accumulators: up to 7 pixels x two vectors of output channels, so
@@ -853,6 +856,13 @@ def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False) -> t
     28x28 1.29x, MobileNetV2's 144 -> 24 at 56x56 1.75x and 384 -> 64 at 28x28 1.59x, 3x3
     layers 1.02-1.08x; expanding 1x1 layers (64 -> 256, 128 -> 512) lose (0.88-0.97x) and
     keep 7 x 2.
+
+    A ``pointwise`` (1x1) convolution whose channel chunks are odd (80 channels: 5 chunks;
+    MobileNetV2's 144: 9 chunks of 16) takes 2-4 pixels x 3-7 chunks instead of a row x
+    one vector: ``bench/conv_tiles.py --ab ODD_CHUNK_TILES`` (5 rounds) 80 -> 80 at 28x28
+    1.33x, 24 -> 144 at 56x56 1.24x, 240 -> 80 and 80 -> 240 at 14x14 1.09-1.12x; whole
+    EfficientNet-B0 1.02-1.03x, RegNetY-400MF 1.04-1.05x, MobileNetV2 1.00-1.02x.  3x3 layers ran
+    slower with such tiles (0.72-0.90x, ``--tiles 2x7``) and keep the row.
     """
     limit = _max_reg(lanes)
     if SQUARE_TILES and long_reduction and lanes >= 16 and ow % 4 == 0 and occ >= 3:
@@ -863,6 +873,11 @@ def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False) -> t
         r2 = _largest_divisor(ow, limit // 2)
         if r2 >= min(4, ow):
             return r2, 2
+    elif ODD_CHUNK_TILES and pointwise and lanes >= 16:
+        chunks = max((d for d in range(3, 8) if occ % d == 0), default=0)
+        pixels = _largest_divisor(ow, limit // chunks) if chunks else 1
+        if pixels >= 2:
+            return pixels, chunks
     return _largest_divisor(ow, limit), 1
 
 
@@ -918,7 +933,8 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
     ext = [_extent(sch, lp) or 1 for lp in loops[1:]]
     long_reduction = (not depthwise and ext[4] * ext[5] * ext[6] * ext[7]
                       >= 2 * ext[0] * ext[3])  # icc*kh*kw*icb >= 2 * occ*ocb
-    reg, oct = _conv_tile(_extent(sch, ow), _extent(sch, occ), lanes, long_reduction)
+    pointwise = not depthwise and ext[5] * ext[6] == 1  # kh * kw
+    reg, oct = _conv_tile(_extent(sch, ow), _extent(sch, occ), lanes, long_reduction, pointwise)
     if depthwise:
         oct = 1
     elif _blocked_reduction(sch, loops, reg, oct) is not None:

@@ -416,13 +416,41 @@ def test_conv_register_tile_long_reduction(ow, occ, lanes, tile, monkeypatch):
     assert cs._conv_tile(ow, occ, lanes, long_reduction=True) == cs._conv_tile(ow, occ, lanes)
 
 
+@pytest.mark.parametrize("ow, occ, lanes, tile", [
+    (28, 5, 16, (2, 5)),    # 80 channels: 5 vectors per broadcast input
+    (56, 9, 16, (4, 3)),    # MobileNetV2's 144: 9 chunks, 3 at a time
+    (14, 7, 16, (2, 7)),
+    (7, 5, 16, (7, 1)),     # a prime row: no 2-pixel tile, the row
+    (28, 4, 16, (7, 2)),    # even chunks: unchanged
+    (28, 5, 8, (7, 1)),     # AVX2: unchanged (8 accumulators: a 7-pixel row)
+])
+def test_conv_register_tile_pointwise_odd_chunks(ow, occ, lanes, tile, monkeypatch):
+    assert cs._conv_tile(ow, occ, lanes, pointwise=True) == tile
+    assert cs._conv_tile(ow, occ, lanes) == cs._conv_tile(ow, occ, lanes, pointwise=False)
+    monkeypatch.setattr(cs, "ODD_CHUNK_TILES", False)  # the switch turns it off
+    assert cs._conv_tile(ow, occ, lanes, pointwise=True) == cs._conv_tile(ow, occ, lanes)
+
+
+def test_odd_chunk_pointwise_tiles_compile_and_match(monkeypatch):
+    """80 -> 80 and 80 -> 112 1x1 convolutions (5 and 7 chunks) on an 8-wide map take
+    multi-chunk tiles and match PyTorch."""
+    tiles = []
+    real = cs._conv_tile
+    monkeypatch.setattr(cs, "_conv_tile", lambda *a: tiles.append(real(*a)) or tiles[-1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(80, 80, 1), nn.ReLU(), nn.Conv2d(80, 112, 1))
+    _check(model, torch.randn(1, 80, 8, 8))
+    if cs.vector_lanes(host_target()) >= 16:
+        assert sorted(tiles) == [(2, 5), (2, 7)], tiles
+
+
 @pytest.mark.parametrize("cin, cout, k", [(128, 64, 1), (48, 24, 1), (32, 64, 3)])
 def test_square_tiles_compile_and_match(cin, cout, k, monkeypatch):
     """Reducing convolutions get the 4 x 4 (or 4 x 3) tile, the 3x3 one in the blocked-
     reduction schedule too, and match PyTorch; expanding ones keep the 7 x 2 tile."""
     tiles = []
     real = cs._conv_tile
-    monkeypatch.setattr(cs, "_conv_tile", lambda *a: tiles.append((a[-1], real(*a))) or tiles[-1][1])
+    monkeypatch.setattr(cs, "_conv_tile", lambda *a: tiles.append((a[3], real(*a))) or tiles[-1][1])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2), nn.ReLU(),
                           nn.Conv2d(cout, 4 * cout, 1))
