@@ -181,9 +181,13 @@ def _cmd_run(args) -> int:
     for spec, o in zip(compiled.outputs, outs):
         print(f"{spec.name}: {o.dtype}[{','.join(map(str, o.shape))}] "
               f"mean {float(o.mean()):.4g} max |x| {float(abs(o).max()):.4g}")
+    if args.cold and not args.bench:
+        raise CliError("--cold times --bench runs with the caches flushed: add --bench")
     if args.bench:
-        lat = compiled.benchmark(*inputs, repeat=args.repeat)
-        print(f"latency: {lat}")
+        if args.cold and remote is not None:
+            raise CliError("--cold flushes this machine's caches; it cannot run with --remote")
+        lat = compiled.benchmark(*inputs, repeat=args.repeat, cold=args.cold)
+        print(f"latency{' (cold)' if args.cold else ''}: {lat}")
     if args.profile:
         if remote is not None:
             raise CliError("--profile times kernels on this machine; it cannot run with --remote")
@@ -257,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="load an artifact and run it (optionally benchmark)")
     p.add_argument("artifact", help="artifact folder written by `slimfx compile`")
     p.add_argument("--bench", action="store_true", help="print latency median/min/max")
+    p.add_argument("--cold", action="store_true",
+                   help="with --bench: flush the CPU caches before each run (weights from memory)")
     p.add_argument("--repeat", type=int, default=20, help="timed runs for --bench/--profile (default 20)")
     p.add_argument("--profile", type=int, metavar="N", default=0,
                    help="print the N slowest kernels (per-kernel times over --repeat runs)")

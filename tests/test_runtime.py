@@ -272,6 +272,10 @@ def test_cli_compile_and_run(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "more kernels" in text and "argument shapes" in text
     assert "output0: float32[1,10]" in text and "latency: median" in text and "over 3 runs" in text
+    assert main(["run", str(out), "--bench", "--cold", "--repeat", "2"]) == 0
+    assert "latency (cold): median" in capsys.readouterr().out
+    assert main(["run", str(out), "--cold"]) == 2
+    assert "--cold times --bench runs" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
 
