@@ -529,9 +529,9 @@ ALGOS = ("winograd2", "winograd4", "fft")
 #: timings (run after run, transformed weights cached) picked F(4,3) for ResNet's 256-channel
 #: 14x14 layers, 1.00x cold and 1.03x inside ResNet-50; these pick F(2,3) (1.15x cold) and
 #: the same layers as ``by=measure`` on ResNet-18 and ResNet-50 at 224 (1.33x and 1.08x
-#: faster than direct whole).
-MODEL = {"direct_eff": 0.63, "gemm_eff": 0.659, "transform_eff": 1.0, "dft_eff": 0.226,
-         "bytes_per_ns": 14.9, "kernel_overhead_ms": 0.101}
+#: faster than direct whole, with the first refit).
+MODEL = {"direct_eff": 0.724, "gemm_eff": 0.678, "transform_eff": 1.0, "dft_eff": 0.214,
+         "bytes_per_ns": 13.7, "kernel_overhead_ms": 0.0529}
 
 
 def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int = 2,
