@@ -41,7 +41,8 @@ LAYERS = [(64, 256, 56, 1), (256, 64, 56, 1), (512, 128, 28, 1), (1024, 256, 14,
 #: More layers for the --ab comparisons: ResNet's wider maps, MobileNetV2's 1x1 layers.
 EXTRA_LAYERS = [(128, 128, 56, 3), (256, 256, 28, 3), (144, 24, 56, 1),
                 (384, 64, 28, 1), (32, 192, 28, 1), (80, 80, 28, 1), (240, 80, 14, 1),
-                (80, 240, 14, 1), (24, 144, 56, 1), (80, 80, 14, 3)]
+                (80, 240, 14, 1), (24, 144, 56, 1), (80, 80, 14, 3),
+                (128, 128, 56, 3, 2), (256, 256, 28, 3, 2), (512, 512, 14, 3, 2)]  # stride 2
 
 _DEFAULT_TILE = cpu_schedules._conv_tile
 
@@ -91,9 +92,10 @@ def _conv_seconds(compiled, x, calls: int = 15) -> float:
     return statistics.median(times)
 
 
-def _layer(cin: int, cout: int, side: int, k: int):
+def _layer(cin: int, cout: int, side: int, k: int, stride: int = 1):
     """One convolution with ReLU, "same" padding, captured: (graph, input)."""
-    m = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, padding=k // 2), torch.nn.ReLU()).eval()
+    m = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2),
+                            torch.nn.ReLU()).eval()
     x = torch.randn(1, cin, side, side)
     return slimfx.capture(m, x), x
 
@@ -114,7 +116,8 @@ def _shape_name(shape) -> str:
 
 
 #: --ab switches: the module-level flag of cpu_schedules and its "off" value.
-SWITCHES = {"BLOCK_REDUCTION_ABOVE": 0, "SQUARE_TILES": False, "ODD_CHUNK_TILES": False}
+SWITCHES = {"BLOCK_REDUCTION_ABOVE": 0, "SQUARE_TILES": False, "ODD_CHUNK_TILES": False,
+            "STRIDED_PAD_INLINE": False}
 
 
 def _tile_desc(cin: int, cout: int, side: int, k: int) -> str:
@@ -137,19 +140,21 @@ def switch_ab(args) -> None:
         raise SystemExit(f"--ab: unknown switch {flag!r}; one of {', '.join(SWITCHES)}")
     off_value = SWITCHES[flag]
     rows = []
-    for cin, cout, side, k in LAYERS + EXTRA_LAYERS:
-        g, x = _layer(cin, cout, side, k)
+    for cin, cout, side, k, stride in [(*spec, 1)[:5] for spec in LAYERS + EXTRA_LAYERS]:
+        g, x = _layer(cin, cout, side, k, stride)
         on = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
-        tile_on = _tile_desc(cin, cout, side, k)
+        out = side // stride
+        tile_on = _tile_desc(cin, cout, out, k)
         with switched(cpu_schedules, flag, off_value):
             off = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
-            tile_off = _tile_desc(cin, cout, side, k)
+            tile_off = _tile_desc(cin, cout, out, k)
         on(x), off(x)  # warm up
         secs = alternate({key: (lambda cm=cm, x=x: _conv_seconds(cm, x))
                           for key, cm in (("on", on), ("off", off))}, args.rounds)
-        gflop = 2 * cin * cout * k * k * side * side / 1e9
+        gflop = 2 * cin * cout * k * k * out * out / 1e9
         a, b = statistics.median(secs["off"]), statistics.median(secs["on"])
-        rows.append([f"{cin}->{cout} {side}x{side} k{k}", tile_off, tile_on,
+        rows.append([f"{cin}->{cout} {side}x{side} k{k}" + (f" s{stride}" if stride > 1 else ""),
+                     tile_off, tile_on,
                      f"{gflop / a:.0f}", f"{gflop / b:.0f}", f"{a / b:.2f}x"])
         print(" ".join(rows[-1]), flush=True)
     print(f"\n{flag}: convolution kernel GFLOP/s off ({flag}={off_value}) and on (default), "

@@ -895,6 +895,11 @@ def _inline_pad(sch) -> None:
             sch.compute_inline(b)
 
 
+#: Strided convolutions with many input channels read through the border test too (see
+#: :func:`_pad_inline`).
+STRIDED_PAD_INLINE = True
+
+
 def _pad_inline(sch, loops, depthwise: bool) -> bool:
     """Whether the convolution reads its input through the border test (the pad inlined)
     rather than from a zero-padded copy.
@@ -905,18 +910,24 @@ def _pad_inline(sch, loops, depthwise: bool) -> bool:
     or more (ResNet's 7x7 / 2 stem at 224: 1.7x faster from the copy; VGG's 3x3 / 1 stem
     at 224 1.5x; at 112 1.2-1.5x).  3x3 / 2 stems (MobileNetV2) and maps under 56 (the
     digit classifiers' stems) keep the guard: 1.3-1.5x faster with it.
+
+    Convolutions with many input channels keep the copy at stride 1; at stride 2 the copy
+    costs 4x more per multiply-add and the guard wins (``bench/conv_tiles.py --ab
+    STRIDED_PAD_INLINE`` and a scratch A/B: ResNet's 3x3 / 2 layers 128ch at 56 1.13-1.14x, 256ch at
+    28 1.02-1.06x, 512ch at 14 1.06-1.08x; whole ResNet-18 and ResNet-50 1.00-1.01x).
     """
     if depthwise:
         return True
-    if (_extent(sch, loops[5]) or 16) * (_extent(sch, loops[8]) or 16) > 4:
-        return False  # many input channels: measured 1.1-1.8x faster with the copy
     kh, kw, ow = _extent(sch, loops[6]) or 1, _extent(sch, loops[7]) or 1, _extent(sch, loops[3])
     widths = [int(r.source.shape[3]) for b in _blocks(sch)
               if _block_name(sch, b).startswith("data_pad") for r in sch.get(b).reads
               if len(r.source.shape) == 5]
+    stride = max(1, round(widths[0] / ow)) if widths and ow else 1
+    if (_extent(sch, loops[5]) or 16) * (_extent(sch, loops[8]) or 16) > 4:
+        # many input channels: measured 1.1-1.8x faster with the copy at stride 1
+        return STRIDED_PAD_INLINE and stride > 1
     if not widths or not ow:
         return True
-    stride = max(1, round(widths[0] / ow))
     return kh * kw / stride**2 < 9 or widths[0] < 56
 
 

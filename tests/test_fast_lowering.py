@@ -243,6 +243,33 @@ def test_inverted_residual_relu6_stays_blocked():
     assert len(dw) == 2 and not any("data_pad" in t for t in dw)  # the pad is inlined
 
 
+def _conv_scripts(model, x) -> list[str]:
+    """The scheduled TIR of each convolution kernel of ``model`` for the host."""
+    from tvm import relax
+
+    g = slimfx.run_pipeline(slimfx.capture(model, (x,)), "fold-bn,dce,legalize-tvm")
+    mod = cs.schedule(cs.prepare(to_relax(g).mod, host_target()), host_target())
+    calls = []
+    relax.analysis.post_order_visit(mod["main"].body, lambda e: calls.append(e.args[0].name_hint)
+                                    if isinstance(e, relax.Call)
+                                    and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    return [mod[n].script() for n in calls if n.startswith("fused_conv2d")]
+
+
+def test_strided_convs_read_their_padding_in_place(monkeypatch):
+    """A stride-2 3x3 convolution with many input channels reads its input through the
+    border test (a padded copy costs 4x more per MAC than at stride 1); the stride-1 one
+    keeps the copy; both match PyTorch, odd sizes included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1)).eval()
+    x = torch.randn(1, 32, 15, 15)
+    _check(model, x)
+    padded = [("data_pad" in t) for t in _conv_scripts(model, x)]
+    assert sorted(padded) == [False, True]
+    monkeypatch.setattr(cs, "STRIDED_PAD_INLINE", False)  # the switch: both copy
+    assert [("data_pad" in t) for t in _conv_scripts(model, x)] == [True, True]
+
+
 @pytest.mark.parametrize("lo,hi", [(0.0, 6.0), (-0.5, 0.75)])
 def test_clip_after_depthwise_matches_pytorch(lo, hi):
     torch.manual_seed(0)
