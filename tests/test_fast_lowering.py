@@ -229,22 +229,16 @@ def test_inverted_residual_relu6_stays_blocked():
     cm = _check(model, x, pipeline="fold-bn,dce")
     kinds = cm.manifest["build"]["kernels"]
     assert kinds.get("dwconv") == 2 and kinds.get("conv") == 5
-    from tvm import relax
-
-    g = slimfx.run_pipeline(slimfx.capture(model, (x,)), "fold-bn,dce,legalize-tvm")
-    mod = cs.schedule(cs.prepare(to_relax(g).mod, host_target()), host_target())
-    calls = []
-    relax.analysis.post_order_visit(mod["main"].body, lambda e: calls.append(e.args[0].name_hint)
-                                    if isinstance(e, relax.Call)
-                                    and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    mod, calls = _scheduled_kernels(model, x)
     assert len(calls) == 9 and not any("clip" in n for n in calls)
     assert [n for n in calls if "layout_transform" in n] == [calls[0], calls[-1]]
     dw = [mod[n].script() for n in calls if n.startswith("fused_dwconv2d")]
     assert len(dw) == 2 and not any("data_pad" in t for t in dw)  # the pad is inlined
 
 
-def _conv_scripts(model, x) -> list[str]:
-    """The scheduled TIR of each convolution kernel of ``model`` for the host."""
+def _scheduled_kernels(model, x):
+    """``model`` lowered and hand-scheduled for the host: (module, kernel names called by
+    ``main`` in order)."""
     from tvm import relax
 
     g = slimfx.run_pipeline(slimfx.capture(model, (x,)), "fold-bn,dce,legalize-tvm")
@@ -253,6 +247,12 @@ def _conv_scripts(model, x) -> list[str]:
     relax.analysis.post_order_visit(mod["main"].body, lambda e: calls.append(e.args[0].name_hint)
                                     if isinstance(e, relax.Call)
                                     and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    return mod, calls
+
+
+def _conv_scripts(model, x) -> list[str]:
+    """The scheduled TIR of each convolution kernel of ``model`` for the host."""
+    mod, calls = _scheduled_kernels(model, x)
     return [mod[n].script() for n in calls if n.startswith("fused_conv2d")]
 
 
