@@ -263,22 +263,26 @@ class CompiledModel:
         if not inputs:
             inputs = tuple(np.zeros(s.shape, dtype=s.dtype) for s in self.inputs)
         self._set_inputs(inputs)
+        if cold:
+            self._check_cold(number)
         for _ in range(warmup):
             self._vm.invoke_stateful("main")
         if cold:
-            return self._benchmark_cold(repeat, number)
+            return self._benchmark_cold(repeat)
         timer = self._vm.time_evaluator("invoke_stateful", self._dev, number=number, repeat=repeat)
         times = [t * 1e3 for t in timer("main").results]
         return Latency(statistics.median(times), min(times), max(times), len(times))
 
-    def _benchmark_cold(self, repeat: int, number: int) -> Latency:
-        import time
-
+    def _check_cold(self, number: int) -> None:
         if self._device is not None or self._dev.dlpack_device_type() != 1:  # kDLCPU
             raise ArtifactError("benchmark(cold=True) flushes this machine's CPU caches: it "
                                 "times local CPU models only")
         if number != 1:
             raise ValueError(f"benchmark(cold=True) times one call per run (number=1), got number={number}")
+
+    def _benchmark_cold(self, repeat: int) -> Latency:
+        import time
+
         flush = np.ones(FLUSH_BYTES // 4, dtype=np.float32)
         times = []
         for _ in range(repeat):
