@@ -12,6 +12,7 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py --layers 256x14x3 --packing --models ''  # U packed vs not
     python bench/fast_conv.py --fit        # also refit select-conv-algo's cost model
     python bench/fast_conv.py --warm       # layers timed warm (default: cold, as in a model)
+    python bench/fast_conv.py --layers 256x14x3 --models '' --inside resnet18,resnet50 --size 224
     python bench/fast_conv.py --layers 64x56x3 --layouts  # Winograd blocked vs NCHW
 
 The header also prints the streaming floor: the F(4,3) GEMM kernel at one row reading a
@@ -226,6 +227,67 @@ def fit_model(measured: list) -> tuple[dict, list[list]]:
     return new, rows
 
 
+INSIDE_PIPES = {"direct": "fold-bn,dce", "winograd2": "fold-bn,winograd{tile=2},dce",
+                "winograd4": "fold-bn,winograd{tile=4},dce"}
+
+
+def _layer_ms(profile) -> dict[tuple[int, int], float]:
+    """Milliseconds per call of each stride-1 3x3 layer shape (channels, map side) in a
+    profile: a direct convolution's kernel, or the sum of a Winograd layer's three stages
+    (input transform, GEMM, output transform, matched by the transformed input's shape).
+    A stage's kernels of one shape (fused with a residual add or not) are pooled: their
+    total time over their total calls."""
+    def dims(shapes: str) -> list[list[int]]:
+        return [[int(v) for v in t.split("x")] for t in shapes.split()]
+
+    by_v: dict[str, tuple[int, int]] = {}  # a transformed input's shape -> its layer
+    for k in profile.kernels:
+        sh = dims(k.shapes) if k.shapes else []
+        if k.name.startswith("winograd_input") and len(sh) == 2 and len(sh[0]) == 5:
+            by_v[k.shapes.split()[1]] = (sh[0][1] * sh[0][4], sh[0][2])
+    stages: dict[tuple, list[float]] = {}  # (layer, stage) -> [ms, calls]
+    for k in profile.kernels:
+        sh = dims(k.shapes) if k.shapes else []
+        key = stage = None
+        if "conv2d_nchwc" in k.name and len(sh) >= 2 and len(sh[1]) == 6 and sh[1][2] == 3 \
+                and sh[0][2] == sh[-1][2]:  # 3x3, stride 1
+            key, stage = (sh[0][1] * sh[0][4], sh[0][2]), "conv"
+        elif "winograd" in k.name and len(sh) >= 2:
+            stage = next((s for s in ("input", "matmul", "output") if s in k.name), None)
+            key = by_v.get(k.shapes.split()[1 if stage == "input" else 0]) if stage else None
+        if key is not None:
+            acc = stages.setdefault((key, stage), [0.0, 0])
+            acc[0] += k.ms
+            acc[1] += k.calls
+    out: dict[tuple[int, int], float] = {}
+    for (key, _), (ms, calls) in stages.items():
+        out[key] = out.get(key, 0.0) + ms / calls
+    return out
+
+
+def bench_inside(names, size: int, runs: int) -> list[list]:
+    """Each stride-1 3x3 layer inside its model: the model compiled with every such layer
+    direct, F(2,3) or F(4,3), profiled per kernel (``CompiledModel.profile``); ms per call.
+    Inside a model a layer's (transformed) weights come from memory, as in the cold timings."""
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = zoo.get(name).eval()
+        x = torch.randn(1, 3, size, size)
+        graph = slimfx.capture(model, x)
+        per = {}
+        for algo, pipe in INSIDE_PIPES.items():
+            cm = slimfx.compile(graph, pipeline=pipe, atol=fc.WINOGRAD_TOLERANCE[4], verbose=False)
+            per[algo] = _layer_ms(cm.profile(x, repeat=runs))
+        for c, side in sorted(per["direct"]):
+            ms = {a: per[a].get((c, side)) for a in INSIDE_PIPES}
+            cells = [f"{ms[a]:.3f}" if ms[a] else "-" for a in INSIDE_PIPES]
+            ratios = [f"{ms['direct'] / ms[a]:.2f}x" if ms[a] else "-" for a in ("winograd2", "winograd4")]
+            rows.append([name, f"{c}", f"{side}", *cells, *ratios])
+        print(f"... {name} profiled", flush=True)
+    return rows
+
+
 def bench_layouts(names, size: int, rounds: int, runs: int) -> list[list]:
     """Whole models with ``select-conv-algo{by=model}``: Winograd in the blocked layout
     (the default) vs in NCHW with layout transforms around each op
@@ -297,6 +359,9 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true",
                     help="time layers warm, run after run (default: caches flushed before each "
                          "run, as select-conv-algo measures and as a layer runs in a model)")
+    ap.add_argument("--inside", default="",
+                    help="zoo models whose stride-1 3x3 layers are also timed inside the model "
+                         "(all direct / F(2,3) / F(4,3), per-kernel profile) at --size")
     ap.add_argument("--fit", action="store_true",
                     help="refit select-conv-algo's cost model (fast_conv.MODEL) to the layers")
     args = ap.parse_args()
@@ -316,6 +381,8 @@ def main() -> None:
     names = [m for m in args.models.split(",") if m]
     model_rows = bench_models(names, args.size, args.rounds, args.runs)
     layout_rows = bench_layouts(names, args.size, args.rounds, args.runs) if args.layouts else []
+    inside = [m for m in args.inside.split(",") if m]
+    inside_rows = bench_inside(inside, args.size, args.runs) if inside else []
     s_ms, s_gbps = stream_gbps(256, 256, args.rounds, args.runs)
     b_ms, b_gbps = stream_gbps(256, 6 * 256, args.rounds, args.runs)  # 56.6 MB: the FFT's size
     print(f"\ntarget host ({t.config['mcpu']}, {t.num_cores} cores, {t.vector_bits}-bit vectors), "
@@ -350,6 +417,12 @@ def main() -> None:
         print(format_table(["model", "input", "direct", "measure", "ratio", "choices",
                             "select s", "model", "ratio", "choices"], model_rows,
                            right={2, 3, 4, 6, 7, 8}))
+    if inside_rows:
+        print(f"\ninside the model (1x3x{args.size}x{args.size}; every stride-1 3x3 layer direct, "
+              f"F(2,3) or F(4,3)), ms per call from a per-kernel profile of {args.runs} runs; "
+              "ratio = direct / algorithm")
+        print(format_table(["model", "C", "HxW", "direct", "F(2,3)", "F(4,3)", "F(2,3) ratio",
+                            "F(4,3) ratio"], inside_rows, right=set(range(1, 8))))
     if layout_rows:
         print("\nWinograd's layout, whole model with select-conv-algo{by=model}, ms: NCHW with "
               "layout transforms vs the blocked layout; ratio = NCHW / blocked")

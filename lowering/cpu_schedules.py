@@ -852,17 +852,17 @@ def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
     4 takes 4 pixels x 4 vectors (3 where the channels come in 3 chunks): a broadcast feeds
     four FMAs and the input map is read once per 4 channel vectors instead of once per 2 --
     these layers' inputs outgrow L2 (256 channels at 56x56 is 3.2 MB).  Measured against
-    7 x 2 (``bench/conv_tiles.py``, 5 rounds): 256 -> 64 at 56x56 1.27x, 512 -> 128 at
-    28x28 1.29x, MobileNetV2's 144 -> 24 at 56x56 1.75x and 384 -> 64 at 28x28 1.59x, 3x3
-    layers 1.02-1.08x; expanding 1x1 layers (64 -> 256, 128 -> 512) lose (0.88-0.97x) and
-    keep 7 x 2.
+    7 x 2 (``bench/conv_tiles.py --ab SQUARE_TILES``, 5 rounds): 256 -> 64 at 56x56 1.33x,
+    512 -> 128 at 28x28 1.23x, MobileNetV2's 144 -> 24 at 56x56 1.70x and 384 -> 64 at
+    28x28 1.63x, 3x3 layers 1.02-1.09x.  An expanding 1x1 layer loses (64 -> 256 at 56x56:
+    0.88x with 4 x 4, ``bench/conv_tiles.py --tiles 4x4``) and keeps 7 x 2.
 
     A ``pointwise`` (1x1) convolution whose channel chunks are odd (80 channels: 5 chunks;
     MobileNetV2's 144: 9 chunks of 16) takes 2-4 pixels x 3-7 chunks instead of a row x
     one vector: ``bench/conv_tiles.py --ab ODD_CHUNK_TILES`` (5 rounds) 80 -> 80 at 28x28
     1.33x, 24 -> 144 at 56x56 1.24x, 240 -> 80 and 80 -> 240 at 14x14 1.09-1.12x; whole
-    EfficientNet-B0 1.02-1.03x, RegNetY-400MF 1.04-1.05x, MobileNetV2 1.00-1.02x.  3x3 layers ran
-    slower with such tiles (0.72-0.90x, ``--tiles 2x7``) and keep the row.
+    EfficientNet-B0 1.02-1.03x, RegNetY-400MF 1.04-1.05x, MobileNetV2 1.00-1.02x.  3x3 layers
+    keep the row: in a comparison outside the bench they ran slower with such tiles.
     """
     limit = _max_reg(lanes)
     if SQUARE_TILES and long_reduction and lanes >= 16 and ow % 4 == 0 and occ >= 3:
@@ -913,8 +913,8 @@ def _pad_inline(sch, loops, depthwise: bool) -> bool:
 
     Convolutions with many input channels keep the copy at stride 1; at stride 2 the copy
     costs 4x more per multiply-add and the guard wins (``bench/conv_tiles.py --ab
-    STRIDED_PAD_INLINE`` and a scratch A/B: ResNet's 3x3 / 2 layers 128ch at 56 1.13-1.14x, 256ch at
-    28 1.02-1.06x, 512ch at 14 1.06-1.08x; whole ResNet-18 and ResNet-50 1.00-1.01x).
+    STRIDED_PAD_INLINE``: ResNet's 3x3 / 2 layers 128ch at 56 1.14x, 256ch at 28 1.06x,
+    512ch at 14 1.08x; whole ResNet-18 and ResNet-50 1.00-1.01x).
     """
     if depthwise:
         return True

@@ -527,9 +527,9 @@ ALGOS = ("winograd2", "winograd4", "fft")
 #: transforms, matrix DFTs), the bandwidth in bytes per ns per core of the weights and
 #: transform passes, and a fixed overhead per kernel.  The constants fitted to warm
 #: timings (run after run, transformed weights cached) picked F(4,3) for ResNet's 256-channel
-#: 14x14 layers, 1.00x cold and 1.03x inside ResNet-50; these pick F(2,3) (1.15x cold) and
-#: the same layers as ``by=measure`` on ResNet-18 and ResNet-50 at 224 (1.33x and 1.08x
-#: faster than direct whole, with the first refit).
+#: 14x14 layers, 1.00x cold and 1.03x inside ResNet-50 (``--inside``); these pick F(2,3)
+#: (1.15x cold, 1.37x inside) and the same layers as ``by=measure`` on ResNet-18 and
+#: ResNet-50 at 224 (1.33x and 1.08x faster than direct whole, with the first refit).
 MODEL = {"direct_eff": 0.724, "gemm_eff": 0.678, "transform_eff": 1.0, "dft_eff": 0.214,
          "bytes_per_ns": 13.7, "kernel_overhead_ms": 0.0529}
 
@@ -612,8 +612,8 @@ class SelectOptions:
         Timed warm, run after run, a layer keeps its transformed weights cached and Winograd
         looks faster than it is in the model: F(4,3) on 256 channels at 14x14 measured 1.54x
         faster than direct warm (``bench/fast_conv.py --warm``), 1.00x cold (the default)
-        and 1.03x inside ResNet-50 at 224 (per-kernel profile), while F(2,3) measured 1.53x
-        warm, 1.15x cold and 1.38x in the model.
+        and 1.03x inside ResNet-50 at 224 (``bench/fast_conv.py --inside resnet50 --size
+        224``), while F(2,3) measured 1.53x warm, 1.15x cold and 1.37x in the model.
     """
 
     by: Literal["measure", "model"] = "measure"
