@@ -14,6 +14,7 @@ what ``_conv_tile`` chooses.  Each shape is capped by the row's divisors (``(7, 
     python bench/conv_tiles.py [--rounds 3] [--tiles 14x1,7x2,4x4] [--models resnet50]
     python bench/conv_tiles.py --ab SQUARE_TILES --rounds 5 --models resnet50,mobilenet_v2
     python bench/conv_tiles.py --blocked-reduction --rounds 5 --models resnet50,resnet18
+    python bench/conv_tiles.py --ab SHORT_ROW_TILES --rounds 7 --layers "80,80,4,3;48,48,7,3"
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ LAYERS = [(64, 256, 56, 1), (256, 64, 56, 1), (512, 128, 28, 1), (1024, 256, 14,
 EXTRA_LAYERS = [(128, 128, 56, 3), (256, 256, 28, 3), (144, 24, 56, 1),
                 (384, 64, 28, 1), (32, 192, 28, 1), (80, 80, 28, 1), (240, 80, 14, 1),
                 (80, 240, 14, 1), (24, 144, 56, 1), (80, 80, 14, 3),
-                (128, 128, 56, 3, 2), (256, 256, 28, 3, 2), (512, 512, 14, 3, 2)]  # stride 2
+                (128, 128, 56, 3, 2), (256, 256, 28, 3, 2), (512, 512, 14, 3, 2),  # stride 2
+                # pruned widths (odd multiples of 16) on short rows
+                (80, 80, 4, 3), (112, 112, 4, 3), (48, 48, 7, 3), (48, 80, 7, 3, 2), (80, 80, 7, 3),
+                (48, 48, 14, 3)]
 
 _DEFAULT_TILE = cpu_schedules._conv_tile
 
@@ -53,7 +57,7 @@ def _tile_fn(shape: tuple[int, int] | None):
     px, vecs = shape
 
     def tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
-             pointwise: bool = False) -> tuple[int, int]:
+             pointwise: bool = False, strided: bool = False) -> tuple[int, int]:
         return (cpu_schedules._largest_divisor(ow, px),
                 cpu_schedules._largest_divisor(occ, vecs))
 
@@ -117,16 +121,19 @@ def _shape_name(shape) -> str:
 
 #: --ab switches: the module-level flag of cpu_schedules and its "off" value.
 SWITCHES = {"BLOCK_REDUCTION_ABOVE": 0, "SQUARE_TILES": False, "ODD_CHUNK_TILES": False,
-            "STRIDED_PAD_INLINE": False}
+            "STRIDED_PAD_INLINE": False, "SHORT_ROW_TILES": False}
 
 
-def _tile_desc(cin: int, cout: int, side: int, k: int) -> str:
-    """The register tile (pixels x vectors) the schedule picks for a ResNet-style layer,
-    and the weight KiB one tile streams, where it would block the reduction."""
-    cb = cpu_schedules.channel_block(cout, 16)
-    px, vecs = cpu_schedules._conv_tile(side, cout // cb, 16, cin * k * k >= 2 * cout, k == 1)
+def _tile_desc(cin: int, cout: int, side: int, k: int, stride: int = 1) -> str:
+    """The register tile (pixels x vectors) the schedule picks for a ResNet-style layer
+    with a ``side`` x ``side`` output, the weight KiB one tile streams, and whether it
+    blocks the reduction."""
+    cb, ib = cpu_schedules.channel_block(cout, 16), cpu_schedules.channel_block(cin, 16)
+    px, vecs = cpu_schedules._conv_tile(side, cout // cb, 16, cin * k * k >= 2 * cout, k == 1,
+                                        stride > 1)
     kib = k * k * cin * vecs * cb * 4 // 1024
-    blocked = cpu_schedules.BLOCK_REDUCTION_ABOVE and kib * 1024 > cpu_schedules.BLOCK_REDUCTION_ABOVE
+    blocked = cpu_schedules.blocked_reduction_plan(cout // cb, side, side, cb, cin // ib, k, k,
+                                                   ib, px, vecs)
     return f"{px}x{vecs}, {kib} KiB{' blocked' if blocked else ''}"
 
 
@@ -140,14 +147,17 @@ def switch_ab(args) -> None:
         raise SystemExit(f"--ab: unknown switch {flag!r}; one of {', '.join(SWITCHES)}")
     off_value = SWITCHES[flag]
     rows = []
-    for cin, cout, side, k, stride in [(*spec, 1)[:5] for spec in LAYERS + EXTRA_LAYERS]:
+    specs = LAYERS + EXTRA_LAYERS
+    if args.layers:
+        specs = [tuple(int(v) for v in spec.split(",")) for spec in args.layers.split(";")]
+    for cin, cout, side, k, stride in [(*spec, 1)[:5] for spec in specs]:
         g, x = _layer(cin, cout, side, k, stride)
         on = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
-        out = side // stride
-        tile_on = _tile_desc(cin, cout, out, k)
+        out = (side - 1) // stride + 1  # 'same' padding
+        tile_on = _tile_desc(cin, cout, out, k, stride)
         with switched(cpu_schedules, flag, off_value):
             off = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
-            tile_off = _tile_desc(cin, cout, out, k)
+            tile_off = _tile_desc(cin, cout, out, k, stride)
         on(x), off(x)  # warm up
         secs = alternate({key: (lambda cm=cm, x=x: _conv_seconds(cm, x))
                           for key, cm in (("on", on), ("off", off))}, args.rounds)
@@ -193,6 +203,9 @@ def main() -> None:
     ap.add_argument("--ab", metavar="SWITCH",
                     help="instead: a lowering switch on vs off, per layer and for --models: "
                          + ", ".join(SWITCHES))
+    ap.add_argument("--layers", default="",
+                    help="with --ab: these layers instead of the built-in list, "
+                         "'CIN,COUT,SIDE,K[,STRIDE];...'")
     ap.add_argument("--blocked-reduction", action="store_const", dest="ab",
                     const="BLOCK_REDUCTION_ABOVE", help="the same as --ab BLOCK_REDUCTION_ABOVE")
     args = ap.parse_args()

@@ -59,6 +59,8 @@ __all__ = [
 
 #: Block names of slimfx's blocked convolution computes (the anchors the schedules find).
 CONV_BLOCK = "conv2d_NCHWc"
+#: Block annotation of the blocked convolution: its (larger) stride, for the schedule.
+STRIDE_ATTR = "slimfx.stride"
 DWCONV_BLOCK = "dwconv2d_NCHWc"
 
 #: Hand schedules of kernels that other lowerings define, by the name prefix of their
@@ -277,7 +279,7 @@ def _conv_nchwc_te(data, kernel, strides, padding, dilation, depthwise: bool, gr
             data[b, chunk(c), y * sh + rh * dh, x * sw + rw * dw, rb]
             * kernel[c, rc, rh, rw, rb, cc],
             axis=[rc, rh, rw, rb]),
-        name=CONV_BLOCK)
+        name=CONV_BLOCK, attrs={STRIDE_ATTR: max(sh, sw)})
 
 
 def legalize_conv2d(bb, call):
@@ -833,10 +835,14 @@ def _max_reg(lanes: int) -> int:
 SQUARE_TILES = True
 #: 1x1 convolutions with an odd number of channel chunks take several chunks per tile.
 ODD_CHUNK_TILES = True
+#: Convolutions on short rows (at most :data:`SHORT_ROW` pixels) with an odd number of
+#: channel chunks take several chunks per tile (see :func:`_conv_tile`).
+SHORT_ROW_TILES = True
+SHORT_ROW = 7
 
 
 def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
-               pointwise: bool = False) -> tuple[int, int]:
+               pointwise: bool = False, strided: bool = False) -> tuple[int, int]:
     """(pixels, channel chunks) of a convolution's register tile.
 
     About ``_max_reg`` accumulators: up to 7 pixels x two vectors of output channels, so
@@ -863,6 +869,14 @@ def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
     1.33x, 24 -> 144 at 56x56 1.24x, 240 -> 80 and 80 -> 240 at 14x14 1.09-1.12x; whole
     EfficientNet-B0 1.02-1.03x, RegNetY-400MF 1.04-1.05x, MobileNetV2 1.00-1.02x.  3x3 layers
     keep the row: in a comparison outside the bench they ran slower with such tiles.
+
+    A convolution on a short row (at most :data:`SHORT_ROW` pixels: the 7x7 and 4x4 maps of
+    late stages) with an odd number of channel chunks -- the widths channel pruning leaves
+    at ``round_to=16``: 48, 80, 112 channels -- takes the row (or part of it) x 3-7 vectors,
+    at most 21 accumulators, instead of the row x one vector, which loads a weight vector
+    for every 4-7 FMAs.  ``bench/conv_tiles.py --ab SHORT_ROW_TILES --layers ...`` (7
+    rounds): 3x3 layers 80ch at 4x4 1.37x, 112ch 1.15x, 48ch at 7x7 1.24x, 144ch 1.24x,
+    240ch 1.12x.  Strided convolutions keep the row (4 x 5 at stride 2: 0.83-0.87x).
     """
     limit = _max_reg(lanes)
     if SQUARE_TILES and long_reduction and lanes >= 16 and ow % 4 == 0 and occ >= 3:
@@ -878,7 +892,14 @@ def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
         pixels = _largest_divisor(ow, limit // chunks) if chunks else 1
         if pixels >= 2:
             return pixels, chunks
-    return _largest_divisor(ow, limit), 1
+    row = _largest_divisor(ow, limit)
+    if SHORT_ROW_TILES and lanes >= 16 and occ % 2 and 2 <= row <= SHORT_ROW and not strided:
+        tiles = [(p * d, p, d) for d in range(3, 8, 2) if occ % d == 0
+                 for p in [_largest_divisor(ow, 3 * limit // 2 // d)] if p >= 2]
+        if tiles:
+            _, pixels, chunks = max(tiles)
+            return pixels, chunks
+    return row, 1
 
 
 def _inline_pad(sch) -> None:
@@ -945,7 +966,9 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
     long_reduction = (not depthwise and ext[4] * ext[5] * ext[6] * ext[7]
                       >= 2 * ext[0] * ext[3])  # icc*kh*kw*icb >= 2 * occ*ocb
     pointwise = not depthwise and ext[5] * ext[6] == 1  # kh * kw
-    reg, oct = _conv_tile(_extent(sch, ow), _extent(sch, occ), lanes, long_reduction, pointwise)
+    strided = int(sch.get(block).annotations.get(STRIDE_ATTR, 1)) > 1
+    reg, oct = _conv_tile(_extent(sch, ow), _extent(sch, occ), lanes, long_reduction, pointwise,
+                          strided)
     if depthwise:
         oct = 1
     elif _blocked_reduction(sch, loops, reg, oct) is not None:
@@ -994,23 +1017,34 @@ BLOCK_REDUCTION_ABOVE = 64 << 10
 #: register tiles a task covers.
 REDUCTION_BLOCK_BYTES = 32 << 10
 TILES_PER_TASK = 16
+#: A blocked reduction needs at least this many tasks; with fewer (small maps, wide
+#: tiles) the plain schedule keeps both cores busy (80 -> 80 3x3 at 4x4 with a 4 x 5 tile:
+#: 1.00x against the one-vector row with one blocked task, 1.29-1.37x with the plain one).
+MIN_BLOCKED_TASKS = 4
+
+
+def blocked_reduction_plan(occ: int, oh: int, ow: int, ocb: int, icc: int, kh: int, kw: int,
+                           icb: int, reg: int, oct: int) -> tuple[int, int] | None:
+    """(input chunks per reduction block, rows per task) where a blocked convolution of
+    these extents (``occ`` output chunks of ``ocb``, ``icc`` input chunks of ``icb``) with a
+    ``reg`` pixels x ``oct`` chunks register tile blocks its reduction; None where not."""
+    if not BLOCK_REDUCTION_ABOVE:
+        return None
+    per_chunk = kh * kw * icb * oct * ocb * 4  # weight bytes per input chunk
+    if per_chunk * icc <= BLOCK_REDUCTION_ABOVE:
+        return None
+    icc_i = _largest_divisor(icc, max(1, REDUCTION_BLOCK_BYTES // per_chunk))
+    rows = _largest_divisor(oh, max(1, -(-TILES_PER_TASK // max(ow // reg, 1))))
+    if occ // oct * (oh // rows) < MIN_BLOCKED_TASKS:
+        return None  # a small map: too few tasks to keep every core busy
+    return icc_i, rows
 
 
 def _blocked_reduction(sch, loops, reg: int, oct: int) -> tuple[int, int] | None:
-    """(input chunks per reduction block, rows per task) where the reduction is blocked."""
-    if not BLOCK_REDUCTION_ABOVE:
-        return None
-    _n, _occ, oh, ow, ocb, icc, kh, kw, icb = loops
-    ext = [_extent(sch, lp) for lp in (oh, ow, ocb, icc, kh, kw, icb)]
+    ext = [_extent(sch, lp) for lp in loops[1:]]  # occ, oh, ow, ocb, icc, kh, kw, icb
     if any(e is None for e in ext):
         return None
-    oh_e, ow_e, ocb_e, icc_e, kh_e, kw_e, icb_e = ext
-    per_chunk = kh_e * kw_e * icb_e * oct * ocb_e * 4  # weight bytes per input chunk
-    if per_chunk * icc_e <= BLOCK_REDUCTION_ABOVE:
-        return None
-    icc_i = _largest_divisor(icc_e, max(1, REDUCTION_BLOCK_BYTES // per_chunk))
-    rows = _largest_divisor(oh_e, max(1, -(-TILES_PER_TASK // (ow_e // reg))))
-    return icc_i, rows
+    return blocked_reduction_plan(*ext, reg, oct)
 
 
 def _schedule_conv_blocked_reduction(sch, block, lanes: int, reg: int, oct: int) -> None:

@@ -60,8 +60,8 @@ def test_conv_matches_pytorch(name, monkeypatch):
 
 
 @pytest.mark.parametrize("cin,cout,k,size", [
-    (1024, 32, 1, 6),  # 1x1 with a long reduction: 128 KiB of weights per register tile
-    (256, 32, 3, 7),  # 3x3: 295 KiB per tile, one input chunk per block, all 7 rows a task
+    (1024, 128, 1, 6),  # 1x1 with a long reduction: 128 KiB of weights per register tile
+    (256, 128, 3, 7),  # 3x3: 295 KiB per tile, one input chunk per block, all 7 rows a task
 ])
 @pytest.mark.parametrize("serial", [False, True])
 def test_long_reductions_are_blocked(cin, cout, k, size, serial, monkeypatch):
@@ -80,6 +80,17 @@ def test_long_reductions_are_blocked(cin, cout, k, size, serial, monkeypatch):
     monkeypatch.setattr(cs, "BLOCK_REDUCTION_ABOVE", 0)  # the switch turns it off
     _check(model, torch.randn(1, cin, size, size))
     assert not used
+
+
+def test_blocked_reduction_needs_enough_tasks(monkeypatch):
+    """A blocked reduction runs one task per (chunk group, row block): on a small map with
+    few output chunks that is fewer tasks than cores, and the plain schedule is kept."""
+    plan = cs.blocked_reduction_plan  # (occ, oh, ow, ocb, icc, kh, kw, icb, reg, oct)
+    assert plan(8, 6, 6, 16, 64, 1, 1, 16, 6, 2) == (16, 6)  # 4 tasks; 32 KiB blocks
+    assert plan(2, 6, 6, 16, 64, 1, 1, 16, 6, 2) is None  # one task
+    assert plan(8, 6, 6, 16, 2, 1, 1, 16, 6, 2) is None  # 4 KiB per tile: not blocked
+    monkeypatch.setattr(cs, "MIN_BLOCKED_TASKS", 1)
+    assert plan(2, 6, 6, 16, 64, 1, 1, 16, 6, 2) == (16, 6)
 
 
 def test_small_kernels_run_on_one_thread(monkeypatch):
@@ -456,6 +467,37 @@ def test_conv_register_tile_pointwise_odd_chunks(ow, occ, lanes, tile, monkeypat
     assert cs._conv_tile(ow, occ, lanes) == cs._conv_tile(ow, occ, lanes, pointwise=False)
     monkeypatch.setattr(cs, "ODD_CHUNK_TILES", False)  # the switch turns it off
     assert cs._conv_tile(ow, occ, lanes, pointwise=True) == cs._conv_tile(ow, occ, lanes)
+
+
+@pytest.mark.parametrize("ow, occ, strided, tile", [
+    (4, 5, False, (4, 5)),    # 80 channels on a 4-wide row: the row x 5 vectors
+    (7, 3, False, (7, 3)),    # 48 channels on a 7-wide row
+    (4, 7, False, (2, 7)),    # 112 channels: at most 21 accumulators
+    (7, 5, False, (7, 1)),    # no divisor of 7 fits 5 vectors: the row
+    (14, 3, False, (14, 1)),  # a long row keeps one vector
+    (4, 5, True, (4, 1)),     # strided: the row (4 x 5 measured 0.83-0.87x)
+    (4, 4, False, (4, 2)),    # even chunks: unchanged
+])
+def test_conv_register_tile_short_rows(ow, occ, strided, tile, monkeypatch):
+    assert cs._conv_tile(ow, occ, 16, strided=strided) == tile
+    assert cs._conv_tile(ow, occ, 8, strided=strided) == cs._conv_tile(ow, occ, 8)  # AVX2
+    monkeypatch.setattr(cs, "SHORT_ROW_TILES", False)  # the switch turns it off
+    assert cs._conv_tile(ow, occ, 16) == (cs._largest_divisor(ow, 14), 2 - occ % 2)
+
+
+def test_short_row_tiles_compile_and_match(monkeypatch):
+    """3x3 convolutions with 5 and 3 channel chunks on 4- and 7-wide maps take
+    multi-vector tiles (stride 1) and match PyTorch; the strided one keeps the row."""
+    tiles = []
+    real = cs._conv_tile
+    monkeypatch.setattr(cs, "_conv_tile", lambda *a: tiles.append(real(*a)) or tiles[-1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(48, 80, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(80, 80, 3, padding=1))
+    _check(model, torch.randn(1, 48, 7, 7))
+    if cs.vector_lanes(host_target()) >= 16:
+        assert sorted(tiles) == [(4, 1), (4, 5), (7, 3)], tiles
 
 
 def test_odd_chunk_pointwise_tiles_compile_and_match(monkeypatch):
