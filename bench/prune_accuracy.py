@@ -8,7 +8,8 @@ number of SGD steps on the same batch sequence):
 
 * slimfx, gradual global pruning with per-layer score normalisation (the seed thesis's
   method): ``gradual_prune(graph, macs=..., steps=N, criterion="l1", normalize="mean",
-  strategy="global")`` with the budget split over the N rounds;
+  strategy="global")`` with the budget split over the N rounds; and the same without the
+  normalisation (``normalize="none"``: raw scores ranked across layers);
 * slimfx, one-shot ``prune-channels`` with ``normalize=mean`` / ``none`` and
   ``strategy=uniform`` (what the normalisation and the gradual schedule buy);
 * Torch-Pruning (``torch-pruning``), ``MetaPruner`` with ``MagnitudeImportance(p=1)`` and
@@ -285,15 +286,16 @@ def criterion_data(criterion: str, args, data) -> dict:
 
 def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str,
                    method: str | None = None, criterion: str | None = None,
-                   **prune_kw) -> Result:
-    """Gradual global pruning (normalize=mean) of ``base`` to ``keep`` of its MACs, with
-    the shared fine-tune budget split over the rounds; ``prune_kw`` go to PruneOptions."""
+                   normalize: str = "mean", **prune_kw) -> Result:
+    """Gradual global pruning (per-group score normalisation ``normalize``) of ``base`` to
+    ``keep`` of its MACs, with the shared fine-tune budget split over the rounds;
+    ``prune_kw`` go to PruneOptions."""
     x_tr, y_tr, x_te, y_te = data
     stream = BatchStream(x_tr, y_tr, args.batch, args.seed + 1)
     budget = split_budget(args.finetune_steps, args.steps, args.final_share)
     pre: list[float] = []
     criterion = criterion or args.criterion
-    method = method or f"slimfx gradual global norm=mean, {BN_LABEL[bn]}"
+    method = method or f"slimfx gradual global norm={normalize}, {BN_LABEL[bn]}"
 
     def evaluate(g):
         return accuracy(graph_forward(g), x_te, y_te)
@@ -303,7 +305,7 @@ def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str,
         finetune_graph(g, stream, budget[len(pre) - 1], args, bn)
 
     small, history = gradual_prune(
-        base, macs=keep, steps=args.steps, criterion=criterion, normalize="mean",
+        base, macs=keep, steps=args.steps, criterion=criterion, normalize=normalize,
         strategy="global", round_to=args.round_to, finetune=finetune, evaluate=evaluate,
         schedule=args.schedule,
         bn="fixed",  # finetune() below switches BN itself, after measuring pre-FT accuracy
@@ -579,7 +581,8 @@ def run_seed(args) -> tuple[float, list[Result], str, torch.Tensor]:
         keep, label = 1 / factor, f"{factor:g}x"
         log(f"seed {args.seed}: target {label} fewer MACs (keep {keep:.3f})")
         arms = [slimfx_gradual(base, keep, args, data, bn="train"),
-                slimfx_gradual(base, keep, args, data, bn="fixed")]
+                slimfx_gradual(base, keep, args, data, bn="fixed"),
+                slimfx_gradual(base, keep, args, data, bn="train", normalize="none")]
         for normalize, strategy in (("mean", "global"), ("none", "global"), ("mean", "uniform")):
             arms.append(slimfx_oneshot(base, keep, args, data, normalize=normalize,
                                        strategy=strategy))
@@ -588,8 +591,8 @@ def run_seed(args) -> tuple[float, list[Result], str, torch.Tensor]:
         # channel quanta allow within keep x the baseline's; both land within a few percent)
         arms.append(torch_pruning_arm(model, keep * base.macs(), args, data, example, steps=1,
                                       at_most=True))
-        keys = ("sx-grad-train", "sx-grad-fixed", "sx-1-mean", "sx-1-none", "sx-1-uniform", "tp",
-                "tp-1")
+        keys = ("sx-grad-train", "sx-grad-fixed", "sx-grad-none", "sx-1-mean", "sx-1-none",
+                "sx-1-uniform", "tp", "tp-1")
         for r, key in zip(arms, keys):
             r.target, r.key = label, key
         results += arms
@@ -664,24 +667,24 @@ def main() -> None:
                        rows, right={2, 3, 4, 5, 6, 7, 9, 10, 11}))
 
     # per-layer widths: what the global rankings chose
-    shown = [r for r in results if r.key in ("sx-grad-train", "tp")]
+    short = {"sx-grad-train": "slimfx", "sx-grad-none": "sx none", "tp": "TP"}
     widths = [("base", conv_widths(baseline.graph))] + [
-        (f"{r.target} {'slimfx' if r.key == 'sx-grad-train' else 'TP'}", conv_widths(r.graph))
-        for r in shown]
-    print(f"\noutput channels per layer, seed {seeds[0]} (slimfx gradual, BN train-mode FT, vs "
-          "Torch-Pruning):")
+        (f"{r.target} {short[r.key]}", conv_widths(r.graph)) for r in results if r.key in short]
+    print(f"\noutput channels per layer, seed {seeds[0]} (slimfx gradual norm=mean and "
+          "norm=none, BN train-mode FT, vs Torch-Pruning):")
     print(format_table(["layer"] + [w[0] for w in widths],
                        [[name] + [str(w[1].get(name, 0)) for w in widths] for name in widths[0][1]],
                        right=set(range(1, len(widths) + 1))))
 
     # goals
-    print(f"\ngoals, per slimfx global norm=mean arm (gradual with both fine-tuning variants, "
-          f"and one-shot); accuracies averaged over {len(seeds)} seeds:")
+    print(f"\ngoals, per slimfx global arm (gradual norm=mean with both fine-tuning variants, "
+          f"gradual norm=none, one-shot norm=mean); accuracies averaged over {len(seeds)} seeds:")
     index = {(r.target, r.key): i for i, r in enumerate(results)}
     for label in dict.fromkeys(r.target for r in results[1:]):
         for key, what, tp_key in (
                 ("sx-grad-train", "gradual, BN train-mode FT (same as TP)", "tp"),
                 ("sx-grad-fixed", "gradual, BN stats fixed (graph as captured)", "tp"),
+                ("sx-grad-none", "gradual norm=none, BN train-mode FT", "tp"),
                 ("sx-1-mean", "one-shot, BN train-mode FT (TP one-shot)", "tp-1")):
             tp_i = index[(label, tp_key)]
             tp_acc = mean(per_seed(tp_i, "post"))
