@@ -72,25 +72,34 @@ def _build(graph, shape):
         cpu_schedules._conv_tile = _DEFAULT_TILE
 
 
+#: Kernels that _conv_seconds times: the convolution and what the lowering puts in front
+#: of it (the subsampling copy of a strided 1x1 convolution), not the layout transforms at
+#: the ends of a one-layer model.
+TIMED_KERNELS = ("conv2d", "strided_slice")
+
+
 def _conv_seconds(compiled, x, calls: int = 15) -> float:
-    """Median seconds of the model's convolution kernel calls."""
+    """Median over ``calls`` model calls of the seconds its convolution kernels took."""
     compiled(x)
     vm = compiled._ensure_vm()
-    times: list[float] = []
+    total = [0.0]
     start = [0.0]
 
     def instrument(func, symbol, before, ret, *args) -> int:
-        if "conv2d" in symbol:
+        if any(name in symbol for name in TIMED_KERNELS):
             if before:
                 start[0] = time.perf_counter()
             else:
-                times.append(time.perf_counter() - start[0])
+                total[0] += time.perf_counter() - start[0]
         return 0
 
+    times: list[float] = []
     vm.set_instrument(instrument)
     try:
         for _ in range(calls):
+            total[0] = 0.0
             compiled(x)
+            times.append(total[0])
     finally:
         vm.set_instrument(lambda *a: 0)
     return statistics.median(times)
@@ -121,7 +130,8 @@ def _shape_name(shape) -> str:
 
 #: --ab switches: the module-level flag of cpu_schedules and its "off" value.
 SWITCHES = {"BLOCK_REDUCTION_ABOVE": 0, "SQUARE_TILES": False, "ODD_CHUNK_TILES": False,
-            "STRIDED_PAD_INLINE": False, "SHORT_ROW_TILES": False}
+            "STRIDED_PAD_INLINE": False, "SHORT_ROW_TILES": False,
+            "SUBSAMPLE_STRIDED_POINTWISE": False}
 
 
 def _tile_desc(cin: int, cout: int, side: int, k: int, stride: int = 1) -> str:

@@ -281,6 +281,37 @@ def test_strided_convs_read_their_padding_in_place(monkeypatch):
     assert [("data_pad" in t) for t in _conv_scripts(model, x)] == [True, True]
 
 
+class _Shortcut(nn.Module):
+    """A ResNet downsampling block: 3x3 / 2 main branch, strided 1x1 shortcut, add."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.main = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.short = nn.Conv2d(cin, cout, 1, stride)
+
+    def forward(self, x):
+        return torch.relu(self.main(x) + self.short(x))
+
+
+@pytest.mark.parametrize("stride, size", [(2, 9), (2, 8), (3, 10)])
+def test_strided_pointwise_convs_read_a_subsampled_copy(stride, size, monkeypatch):
+    """A strided 1x1 convolution becomes a strided slice of its blocked input (a kernel of
+    its own) and a stride-1 convolution, odd sizes and stride 3 included; the 3x3 keeps its
+    stride; the switch restores the strided 1x1."""
+    torch.manual_seed(0)
+    model, x = _Shortcut(32, 32, stride).eval(), torch.randn(1, 32, size, size)
+    _check(model, x)
+    mod, calls = _scheduled_kernels(model, x)
+    slices = [n for n in calls if n.startswith("strided_slice")]
+    assert len(slices) == 1
+    assert len(mod[slices[0]].params[0].shape) == 5  # in the blocked layout
+    strides = [f'"{cs.STRIDE_ATTR}": {stride}' in t for t in _conv_scripts(model, x)]
+    assert sorted(strides) == [False, True]  # the 1x1 reads the slice at stride 1
+    monkeypatch.setattr(cs, "SUBSAMPLE_STRIDED_POINTWISE", False)
+    _check(model, x)
+    assert not [n for n in _scheduled_kernels(model, x)[1] if n.startswith("strided_slice")]
+
+
 @pytest.mark.parametrize("lo,hi", [(0.0, 6.0), (-0.5, 0.75)])
 def test_clip_after_depthwise_matches_pytorch(lo, hi):
     torch.manual_seed(0)
