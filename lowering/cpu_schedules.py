@@ -471,8 +471,7 @@ def _subsample_strided_pointwise_fn(mod, _ctx=None):
     ``bench/conv_tiles.py --ab SUBSAMPLE_STRIDED_POINTWISE`` (7 rounds, copy included):
     ResNet-50's 256 -> 512 at 56x56 1.29x, 512 -> 1024 at 28x28 1.06x, 1024 -> 2048 at
     14x14 1.07x, ResNet-18's 64 -> 128 and 128 -> 256 1.14x and 1.12x; whole ResNet-50
-    1.00-1.01x and ResNet-18 0.99-1.00x (in ResNet-50, the per-kernel profile showed its
-    three shortcuts 0.28 ms faster, under 1% of the model).
+    1.00-1.01x and ResNet-18 0.99-1.00x (the shortcuts are a few percent of the model).
     """
     from tvm import relax
 
