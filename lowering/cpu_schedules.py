@@ -968,7 +968,7 @@ def _inline_pad(sch) -> None:
 STRIDED_PAD_INLINE = True
 
 
-def _pad_inline(sch, loops, depthwise: bool) -> bool:
+def _pad_inline(sch, block, loops, depthwise: bool) -> bool:
     """Whether the convolution reads its input through the border test (the pad inlined)
     rather than from a zero-padded copy.
 
@@ -982,26 +982,29 @@ def _pad_inline(sch, loops, depthwise: bool) -> bool:
     Convolutions with many input channels keep the copy at stride 1; at stride 2 the copy
     costs 4x more per multiply-add and the guard wins (``bench/conv_tiles.py --ab
     STRIDED_PAD_INLINE``: ResNet's 3x3 / 2 layers 128ch at 56 1.14x, 256ch at 28 1.06x,
-    512ch at 14 1.08x; whole ResNet-18 and ResNet-50 1.00-1.01x).
+    512ch at 14 1.08x; whole ResNet-18 and ResNet-50 1.00-1.01x).  The stride is the
+    convolution's own (:data:`STRIDE_ATTR`); guessed from the padded width over the output
+    width, it took stride-1 layers on maps of 4 pixels or fewer (and 5x5 kernels on 8x8)
+    for strided ones.
     """
     if depthwise:
         return True
-    kh, kw, ow = _extent(sch, loops[6]) or 1, _extent(sch, loops[7]) or 1, _extent(sch, loops[3])
+    kh, kw = _extent(sch, loops[6]) or 1, _extent(sch, loops[7]) or 1
     widths = [int(r.source.shape[3]) for b in _blocks(sch)
               if _block_name(sch, b).startswith("data_pad") for r in sch.get(b).reads
               if len(r.source.shape) == 5]
-    stride = max(1, round(widths[0] / ow)) if widths and ow else 1
+    stride = int(sch.get(block).annotations.get(STRIDE_ATTR, 1))
     if (_extent(sch, loops[5]) or 16) * (_extent(sch, loops[8]) or 16) > 4:
         # many input channels: measured 1.1-1.8x faster with the copy at stride 1
         return STRIDED_PAD_INLINE and stride > 1
-    if not widths or not ow:
+    if not widths:
         return True
     return kh * kw / stride**2 < 9 or widths[0] < 56
 
 
 def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
     loops = sch.get_loops(block)
-    if _pad_inline(sch, loops, depthwise):
+    if _pad_inline(sch, block, loops, depthwise):
         _inline_pad(sch)
     _inline_producers_and_consumers(sch, block)
     loops = sch.get_loops(block)

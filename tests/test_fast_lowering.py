@@ -281,6 +281,17 @@ def test_strided_convs_read_their_padding_in_place(monkeypatch):
     assert [("data_pad" in t) for t in _conv_scripts(model, x)] == [True, True]
 
 
+@pytest.mark.parametrize("size, k", [(4, 3), (8, 5)])
+def test_small_maps_at_stride_1_keep_the_padded_copy(size, k):
+    """Stride-1 convolutions with many input channels read a padded copy on small maps too
+    (the stride is the convolution's own, not a guess from the padded width)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, k, 1, k // 2), nn.ReLU()).eval()
+    x = torch.randn(1, 64, size, size)
+    _check(model, x)
+    assert ["data_pad" in t for t in _conv_scripts(model, x)] == [True]
+
+
 class _Shortcut(nn.Module):
     """A ResNet downsampling block: 3x3 / 2 main branch, strided 1x1 shortcut, add."""
 
