@@ -15,6 +15,7 @@ what ``_conv_tile`` chooses.  Each shape is capped by the row's divisors (``(7, 
     python bench/conv_tiles.py --ab SQUARE_TILES --rounds 5 --models resnet50,mobilenet_v2
     python bench/conv_tiles.py --blocked-reduction --rounds 5 --models resnet50,resnet18
     python bench/conv_tiles.py --ab SHORT_ROW_TILES --rounds 7 --layers "80,80,4,3;48,48,7,3"
+    python bench/conv_tiles.py --ab TILES_PER_TASK=32 --layers "1024,256,14,1"
 """
 
 from __future__ import annotations
@@ -152,10 +153,19 @@ def switch_ab(args) -> None:
     in alternating rounds."""
     from ab import alternate, switched
 
-    flag = args.ab
-    if flag not in SWITCHES:
+    flag, _, value = args.ab.partition("=")
+    if value:  # another value of a numeric setting, e.g. TILES_PER_TASK=32
+        if not isinstance(getattr(cpu_schedules, flag, None), int) \
+                or isinstance(getattr(cpu_schedules, flag), bool):
+            raise SystemExit(f"--ab {args.ab}: {flag!r} is not a numeric cpu_schedules setting")
+        try:
+            off_value = int(value, 0)
+        except ValueError:
+            raise SystemExit(f"--ab {args.ab}: {value!r} is not an integer") from None
+    elif flag not in SWITCHES:
         raise SystemExit(f"--ab: unknown switch {flag!r}; one of {', '.join(SWITCHES)}")
-    off_value = SWITCHES[flag]
+    else:
+        off_value = SWITCHES[flag]
     rows = []
     specs = LAYERS + EXTRA_LAYERS
     if args.layers:
@@ -210,9 +220,10 @@ def main() -> None:
     ap.add_argument("--models", default="",
                     help="zoo models (or bench/latency.py's transformers ones with --ab) timed "
                          "whole: default vs 14x1")
-    ap.add_argument("--ab", metavar="SWITCH",
+    ap.add_argument("--ab", metavar="SWITCH[=VALUE]",
                     help="instead: a lowering switch on vs off, per layer and for --models: "
-                         + ", ".join(SWITCHES))
+                         + ", ".join(SWITCHES) + "; or a numeric setting (TILES_PER_TASK, "
+                         "REDUCTION_BLOCK_BYTES, ...) at its default vs VALUE ('off')")
     ap.add_argument("--layers", default="",
                     help="with --ab: these layers instead of the built-in list, "
                          "'CIN,COUT,SIDE,K[,STRIDE];...'")

@@ -404,6 +404,24 @@ def _rewrite_functions(mod, rw):
     return rw.builder_.get()
 
 
+def _rewrite_convs(mod, rewrite):
+    """The module with every ``relax.nn.conv2d`` call passed to ``rewrite(mutator, call)``
+    (its arguments already rewritten), which returns the replacement or None to keep it;
+    ``mutator.builder_`` emits bindings in front of it."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", None) != "relax.nn.conv2d":
+                return call
+            new = rewrite(self, call)
+            return call if new is None else new
+
+    return _rewrite_functions(mod, Rewriter(mod))
+
+
 #: A grouped convolution whose groups are narrower than the channel block is merged into
 #: fewer, block-diagonal groups when that multiplies its MACs by at most this.
 MAX_GROUP_MERGE = 4
@@ -430,29 +448,26 @@ def _fold_pad_into_conv_fn(mod, _ctx=None):
     """
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if getattr(call.op, "name", None) != "relax.nn.conv2d" or call.attrs.data_layout != "NCHW":
-                return call
-            src = call.args[0]
-            pad = self.lookup_binding(src) if isinstance(src, relax.Var) else None
-            if getattr(getattr(pad, "op", None), "name", None) != "relax.nn.pad":
-                return call
-            pa = pad.attrs
-            w = [int(v) for v in pa.pad_width]
-            if (pa.pad_mode != "constant" or float(pa.pad_value) != 0.0 or len(w) != 8
-                    or any(w[:4]) or min(w) < 0):
-                return call
-            t, left, b, r = (int(v) for v in call.attrs.padding)
-            a = call.attrs
-            return relax.op.nn.conv2d(pad.args[0], call.args[1], a.strides,
-                                      [t + w[4], left + w[6], b + w[5], r + w[7]], a.dilation,
-                                      a.groups, a.data_layout, a.kernel_layout, a.out_layout,
-                                      a.out_dtype)
+    def rewrite(rw, call):
+        if call.attrs.data_layout != "NCHW":
+            return None
+        src = call.args[0]
+        pad = rw.lookup_binding(src) if isinstance(src, relax.Var) else None
+        if getattr(getattr(pad, "op", None), "name", None) != "relax.nn.pad":
+            return None
+        pa = pad.attrs
+        w = [int(v) for v in pa.pad_width]
+        if (pa.pad_mode != "constant" or float(pa.pad_value) != 0.0 or len(w) != 8
+                or any(w[:4]) or min(w) < 0):
+            return None
+        t, left, b, r = (int(v) for v in call.attrs.padding)
+        a = call.attrs
+        return relax.op.nn.conv2d(pad.args[0], call.args[1], a.strides,
+                                  [t + w[4], left + w[6], b + w[5], r + w[7]], a.dilation,
+                                  a.groups, a.data_layout, a.kernel_layout, a.out_layout,
+                                  a.out_dtype)
 
-    return relax.transform.DeadCodeElimination()(_rewrite_functions(mod, Rewriter(mod)))
+    return relax.transform.DeadCodeElimination()(_rewrite_convs(mod, rewrite))
 
 
 #: Module switch for A/B measurements of :func:`_subsample_strided_pointwise_fn`.
@@ -475,27 +490,21 @@ def _subsample_strided_pointwise_fn(mod, _ctx=None):
     """
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if getattr(call.op, "name", None) != "relax.nn.conv2d":
-                return call
-            a = call.attrs
-            shape, weight = _shape(call.args[0]), _shape(call.args[1])
-            strides = [int(v) for v in a.strides]
-            if (_blocked(a.data_layout, "NCHW") is None or shape is None or weight is None
-                    or not a.kernel_layout.startswith("OIHW") or weight[2:4] != [1, 1]
-                    or int(a.groups) != 1
-                    or max(strides) == 1 or any(int(v) for v in a.padding)
-                    or any(int(v) != 1 for v in a.dilation)):
-                return call
-            x = self.builder_.emit(relax.op.strided_slice(
-                call.args[0], [2, 3], [0, 0], shape[2:4], strides))
-            return relax.op.nn.conv2d(x, call.args[1], [1, 1], a.padding, a.dilation, a.groups,
-                                      a.data_layout, a.kernel_layout, a.out_layout, a.out_dtype)
+    def rewrite(rw, call):
+        a = call.attrs
+        shape, weight = _shape(call.args[0]), _shape(call.args[1])
+        strides = [int(v) for v in a.strides]
+        if (_blocked(a.data_layout, "NCHW") is None or shape is None or weight is None
+                or not a.kernel_layout.startswith("OIHW") or weight[2:4] != [1, 1]
+                or int(a.groups) != 1 or max(strides) == 1 or any(int(v) for v in a.padding)
+                or any(int(v) != 1 for v in a.dilation)):
+            return None
+        x = rw.builder_.emit(relax.op.strided_slice(
+            call.args[0], [2, 3], [0, 0], shape[2:4], strides))
+        return relax.op.nn.conv2d(x, call.args[1], [1, 1], a.padding, a.dilation, a.groups,
+                                  a.data_layout, a.kernel_layout, a.out_layout, a.out_dtype)
 
-    return _rewrite_functions(mod, Rewriter(mod))
+    return _rewrite_convs(mod, rewrite)
 
 
 PACKED_MATMUL_BLOCK = "matmul_packed"
@@ -574,32 +583,27 @@ def _merge_groups_fn(mod, lanes: int):
     import numpy as np
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if getattr(call.op, "name", None) != "relax.nn.conv2d":
-                return call
-            a = call.attrs
-            data, weight = _shape(call.args[0]), _shape(call.args[1])
-            groups = int(a.groups)
-            if (groups == 1 or data is None or weight is None or a.data_layout != "NCHW"
-                    or a.kernel_layout != "OIHW" or groups == data[1] == weight[0]):
-                return call
-            cout, cin_g, kh, kw = weight
-            k = _group_merge(data[1], cout, groups, lanes)
-            if k <= 1:
-                return call
-            g2, cout_g = groups // k, cout // groups
-            emit = self.builder_.emit
-            w = emit(relax.op.reshape(call.args[1], (g2, k, cout_g, 1, cin_g, kh, kw)))
-            eye = np.eye(k, dtype=str(call.args[1].ty.dtype)).reshape(1, k, 1, k, 1, 1, 1)
-            w = emit(relax.op.multiply(w, relax.const(eye)))  # (g2, k, cout_g, k, cin_g, kh, kw)
-            w = emit(relax.op.reshape(w, (cout, k * cin_g, kh, kw)))
-            return relax.op.nn.conv2d(call.args[0], w, a.strides, a.padding, a.dilation, g2,
-                                      a.data_layout, a.kernel_layout, a.out_layout, a.out_dtype)
+    def rewrite(rw, call):
+        a = call.attrs
+        data, weight = _shape(call.args[0]), _shape(call.args[1])
+        groups = int(a.groups)
+        if (groups == 1 or data is None or weight is None or a.data_layout != "NCHW"
+                or a.kernel_layout != "OIHW" or groups == data[1] == weight[0]):
+            return None
+        cout, cin_g, kh, kw = weight
+        k = _group_merge(data[1], cout, groups, lanes)
+        if k <= 1:
+            return None
+        g2, cout_g = groups // k, cout // groups
+        emit = rw.builder_.emit
+        w = emit(relax.op.reshape(call.args[1], (g2, k, cout_g, 1, cin_g, kh, kw)))
+        eye = np.eye(k, dtype=str(call.args[1].ty.dtype)).reshape(1, k, 1, k, 1, 1, 1)
+        w = emit(relax.op.multiply(w, relax.const(eye)))  # (g2, k, cout_g, k, cin_g, kh, kw)
+        w = emit(relax.op.reshape(w, (cout, k * cin_g, kh, kw)))
+        return relax.op.nn.conv2d(call.args[0], w, a.strides, a.padding, a.dilation, g2,
+                                  a.data_layout, a.kernel_layout, a.out_layout, a.out_dtype)
 
-    return _rewrite_functions(mod, Rewriter(mod))
+    return _rewrite_convs(mod, rewrite)
 
 
 #: ``_block_nchw_convs_fn``: depthwise convolutions of models kept in NCHW run channels-last.
@@ -963,6 +967,11 @@ def _inline_pad(sch) -> None:
             sch.compute_inline(b)
 
 
+#: Stride-1 convolutions with many input channels on short rows (at most
+#: :data:`SHORT_ROW` pixels) read a padded copy where each copied value feeds at least this
+#: many multiply-adds (output channels x kernel x the map's share of the padded map), the
+#: border test below it (see :func:`_pad_inline`); 0: always the copy.
+PAD_COPY_MIN_WORK = 256
 #: Strided convolutions with many input channels read through the border test too (see
 #: :func:`_pad_inline`).
 STRIDED_PAD_INLINE = True
@@ -986,6 +995,14 @@ def _pad_inline(sch, block, loops, depthwise: bool) -> bool:
     convolution's own (:data:`STRIDE_ATTR`); guessed from the padded width over the output
     width, it took stride-1 layers on maps of 4 pixels or fewer (and 5x5 kernels on 8x8)
     for strided ones.
+
+    On short rows the padded map is much larger than the map (4x4 -> 6x6: 2.25x), and a
+    stride-1 layer whose copied values feed fewer than :data:`PAD_COPY_MIN_WORK`
+    multiply-adds reads through the border test instead (``bench/conv_tiles.py --ab
+    PAD_COPY_MIN_WORK=0``, 7 rounds: 16, 32, 48 channels at 4x4 1.44x, 1.06x, 1.18x, 64 at
+    3x3 1.30x, DenseNet's 128 -> 32 at 7x7 1.22x; 64 at 4x4 keeps the copy; whole DenseNet
+    1.02-1.08x).  On longer rows the copy stays: 128 -> 32 at 28x28 ran 0.42x through the
+    border test.
     """
     if depthwise:
         return True
@@ -996,7 +1013,12 @@ def _pad_inline(sch, block, loops, depthwise: bool) -> bool:
     stride = int(sch.get(block).annotations.get(STRIDE_ATTR, 1))
     if (_extent(sch, loops[5]) or 16) * (_extent(sch, loops[8]) or 16) > 4:
         # many input channels: measured 1.1-1.8x faster with the copy at stride 1
-        return STRIDED_PAD_INLINE and stride > 1
+        if stride > 1:
+            return STRIDED_PAD_INLINE
+        oh, ow = _extent(sch, loops[2]) or 1, _extent(sch, loops[3]) or 1
+        cout = (_extent(sch, loops[1]) or 1) * (_extent(sch, loops[4]) or 1)
+        work = cout * kh * kw * oh * ow / ((oh + kh - 1) * (ow + kw - 1))
+        return ow <= SHORT_ROW and work < PAD_COPY_MIN_WORK
     if not widths:
         return True
     return kh * kw / stride**2 < 9 or widths[0] < 56

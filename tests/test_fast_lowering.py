@@ -281,14 +281,22 @@ def test_strided_convs_read_their_padding_in_place(monkeypatch):
     assert [("data_pad" in t) for t in _conv_scripts(model, x)] == [True, True]
 
 
-@pytest.mark.parametrize("size, k", [(4, 3), (8, 5)])
-def test_small_maps_at_stride_1_keep_the_padded_copy(size, k):
-    """Stride-1 convolutions with many input channels read a padded copy on small maps too
-    (the stride is the convolution's own, not a guess from the padded width)."""
+@pytest.mark.parametrize("cin, cout, size, k, copy", [
+    (64, 64, 4, 3, True),    # 64 x 9 x 16/36 = 256 multiply-adds per copied value: the copy
+    (64, 64, 8, 5, True),    # the stride is the conv's own, not a guess from the widths
+    (48, 48, 4, 3, False),   # 192: the border test
+    (128, 32, 7, 3, False),  # DenseNet's 3x3 at 7x7: 174
+    (128, 32, 14, 3, True),  # a longer row keeps the copy
+])
+def test_stride_1_padding_copy_or_border_test(cin, cout, size, k, copy, monkeypatch):
+    """Stride-1 convolutions with many input channels read a padded copy, except on short
+    rows where each copied value feeds few multiply-adds (PAD_COPY_MIN_WORK)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(64, 64, k, 1, k // 2), nn.ReLU()).eval()
-    x = torch.randn(1, 64, size, size)
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, 1, k // 2), nn.ReLU()).eval()
+    x = torch.randn(1, cin, size, size)
     _check(model, x)
+    assert ["data_pad" in t for t in _conv_scripts(model, x)] == [copy]
+    monkeypatch.setattr(cs, "PAD_COPY_MIN_WORK", 0)  # 0: always the copy
     assert ["data_pad" in t for t in _conv_scripts(model, x)] == [True]
 
 
