@@ -58,7 +58,8 @@ def _tile_fn(shape: tuple[int, int] | None):
     px, vecs = shape
 
     def tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
-             pointwise: bool = False, strided: bool = False) -> tuple[int, int]:
+             pointwise: bool = False, strided: bool = False,
+             depthwise: bool = False) -> tuple[int, int]:
         return (cpu_schedules._largest_divisor(ow, px),
                 cpu_schedules._largest_divisor(occ, vecs))
 

@@ -893,7 +893,8 @@ SHORT_ROW = 7
 
 
 def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
-               pointwise: bool = False, strided: bool = False) -> tuple[int, int]:
+               pointwise: bool = False, strided: bool = False,
+               depthwise: bool = False) -> tuple[int, int]:
     """(pixels, channel chunks) of a convolution's register tile.
 
     About ``_max_reg`` accumulators: up to 7 pixels x two vectors of output channels, so
@@ -927,7 +928,8 @@ def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
     at most 21 accumulators, instead of the row x one vector, which loads a weight vector
     for every 4-7 FMAs.  ``bench/conv_tiles.py --ab SHORT_ROW_TILES --layers ...`` (7
     rounds): 3x3 layers 80ch at 4x4 1.37x, 112ch 1.15x, 48ch at 7x7 1.24x, 144ch 1.24x,
-    240ch 1.12x.  Strided convolutions keep the row (4 x 5 at stride 2: 0.83-0.87x).
+    240ch 1.12x.  Strided convolutions keep the row (4 x 5 at stride 2: 0.83-0.87x), and
+    so do depthwise ones, which take one vector per tile anyway.
     """
     limit = _max_reg(lanes)
     if SQUARE_TILES and long_reduction and lanes >= 16 and ow % 4 == 0 and occ >= 3:
@@ -944,7 +946,8 @@ def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
         if pixels >= 2:
             return pixels, chunks
     row = _largest_divisor(ow, limit)
-    if SHORT_ROW_TILES and lanes >= 16 and occ % 2 and 2 <= row <= SHORT_ROW and not strided:
+    if (SHORT_ROW_TILES and lanes >= 16 and occ % 2 and 2 <= row <= SHORT_ROW
+            and not strided and not depthwise):
         tiles = [(p * d, p, d) for d in range(3, 8, 2) if occ % d == 0
                  for p in [_largest_divisor(ow, 3 * limit // 2 // d)] if p >= 2]
         if tiles:
@@ -1040,7 +1043,7 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
     pointwise = not depthwise and ext[5] * ext[6] == 1  # kh * kw
     strided = int(sch.get(block).annotations.get(STRIDE_ATTR, 1)) > 1
     reg, oct = _conv_tile(_extent(sch, ow), _extent(sch, occ), lanes, long_reduction, pointwise,
-                          strided)
+                          strided, depthwise)
     if depthwise:
         oct = 1
     elif _blocked_reduction(sch, loops, reg, oct) is not None:

@@ -531,6 +531,9 @@ def test_conv_register_tile_pointwise_odd_chunks(ow, occ, lanes, tile, monkeypat
 def test_conv_register_tile_short_rows(ow, occ, strided, tile, monkeypatch):
     assert cs._conv_tile(ow, occ, 16, strided=strided) == tile
     assert cs._conv_tile(ow, occ, 8, strided=strided) == cs._conv_tile(ow, occ, 8)  # AVX2
+    # depthwise: one vector per tile, the row's pixels as without the switch
+    assert cs._conv_tile(ow, occ, 16, depthwise=True) == (cs._largest_divisor(ow, 14),
+                                                           2 - occ % 2)
     monkeypatch.setattr(cs, "SHORT_ROW_TILES", False)  # the switch turns it off
     assert cs._conv_tile(ow, occ, 16) == (cs._largest_divisor(ow, 14), 2 - occ % 2)
 
