@@ -141,8 +141,7 @@ def _tile_desc(cin: int, cout: int, side: int, k: int, stride: int = 1) -> str:
     with a ``side`` x ``side`` output, the weight KiB one tile streams, and whether it
     blocks the reduction."""
     cb, ib = cpu_schedules.channel_block(cout, 16), cpu_schedules.channel_block(cin, 16)
-    px, vecs = cpu_schedules._conv_tile(side, cout // cb, 16, cin * k * k >= 2 * cout, k == 1,
-                                        stride > 1)
+    px, vecs = cpu_schedules.conv_tile_plan(cout // cb, side, cb, cin // ib, k, k, ib, 16, stride)
     kib = k * k * cin * vecs * cb * 4 // 1024
     blocked = cpu_schedules.blocked_reduction_plan(cout // cb, side, side, cb, cin // ib, k, k,
                                                    ib, px, vecs)

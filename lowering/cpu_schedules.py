@@ -956,6 +956,16 @@ def _conv_tile(ow: int, occ: int, lanes: int, long_reduction: bool = False,
     return row, 1
 
 
+def conv_tile_plan(occ: int, ow: int, ocb: int, icc: int, kh: int, kw: int, icb: int,
+                   lanes: int, stride: int = 1) -> tuple[int, int]:
+    """The register tile (pixels, channel chunks) of a dense blocked convolution with these
+    extents (``occ`` output chunks of ``ocb``, ``icc`` input chunks of ``icb``, a ``kh`` x
+    ``kw`` kernel, ``ow`` output pixels a row): :func:`_conv_tile` with its reduction
+    counted as long where it reads at least twice as many inputs as it has outputs."""
+    return _conv_tile(ow, occ, lanes, icc * kh * kw * icb >= 2 * occ * ocb, kh * kw == 1,
+                      stride > 1)
+
+
 def _inline_pad(sch) -> None:
     """Inline the ``data_pad`` stage into its consumer (loads guarded by the border test).
 
@@ -978,6 +988,11 @@ PAD_COPY_MIN_WORK = 256
 #: Strided convolutions with many input channels read through the border test too (see
 #: :func:`_pad_inline`).
 STRIDED_PAD_INLINE = True
+
+
+def _conv_stride(sch, block) -> int:
+    """The (larger) stride of slimfx's blocked convolution ``block`` (1 for others)."""
+    return int(sch.get(block).annotations.get(STRIDE_ATTR, 1))
 
 
 def _pad_inline(sch, block, loops, depthwise: bool) -> bool:
@@ -1010,10 +1025,7 @@ def _pad_inline(sch, block, loops, depthwise: bool) -> bool:
     if depthwise:
         return True
     kh, kw = _extent(sch, loops[6]) or 1, _extent(sch, loops[7]) or 1
-    widths = [int(r.source.shape[3]) for b in _blocks(sch)
-              if _block_name(sch, b).startswith("data_pad") for r in sch.get(b).reads
-              if len(r.source.shape) == 5]
-    stride = int(sch.get(block).annotations.get(STRIDE_ATTR, 1))
+    stride = _conv_stride(sch, block)
     if (_extent(sch, loops[5]) or 16) * (_extent(sch, loops[8]) or 16) > 4:
         # many input channels: measured 1.1-1.8x faster with the copy at stride 1
         if stride > 1:
@@ -1022,6 +1034,9 @@ def _pad_inline(sch, block, loops, depthwise: bool) -> bool:
         cout = (_extent(sch, loops[1]) or 1) * (_extent(sch, loops[4]) or 1)
         work = cout * kh * kw * oh * ow / ((oh + kh - 1) * (ow + kw - 1))
         return ow <= SHORT_ROW and work < PAD_COPY_MIN_WORK
+    widths = [int(r.source.shape[3]) for b in _blocks(sch)
+              if _block_name(sch, b).startswith("data_pad") for r in sch.get(b).reads
+              if len(r.source.shape) == 5]
     if not widths:
         return True
     return kh * kw / stride**2 < 9 or widths[0] < 56
@@ -1035,20 +1050,16 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
     loops = sch.get_loops(block)
     if depthwise:
         n, occ, oh, ow, ocb, kh, kw = loops
+        reg, oct = _conv_tile(_extent(sch, ow), _extent(sch, occ), lanes, depthwise=True)[0], 1
     else:
         n, occ, oh, ow, ocb, icc, kh, kw, icb = loops
-    ext = [_extent(sch, lp) or 1 for lp in loops[1:]]
-    long_reduction = (not depthwise and ext[4] * ext[5] * ext[6] * ext[7]
-                      >= 2 * ext[0] * ext[3])  # icc*kh*kw*icb >= 2 * occ*ocb
-    pointwise = not depthwise and ext[5] * ext[6] == 1  # kh * kw
-    strided = int(sch.get(block).annotations.get(STRIDE_ATTR, 1)) > 1
-    reg, oct = _conv_tile(_extent(sch, ow), _extent(sch, occ), lanes, long_reduction, pointwise,
-                          strided, depthwise)
-    if depthwise:
-        oct = 1
-    elif _blocked_reduction(sch, loops, reg, oct) is not None:
-        _schedule_conv_blocked_reduction(sch, block, lanes, reg, oct)
-        return
+        rest = [_extent(sch, lp) or 1 for lp in (ocb, icc, kh, kw, icb)]
+        reg, oct = conv_tile_plan(_extent(sch, occ), _extent(sch, ow), *rest, lanes,
+                                  _conv_stride(sch, block))
+        plan = _blocked_reduction(sch, loops, reg, oct)
+        if plan is not None:
+            _schedule_conv_blocked_reduction(sch, block, lanes, reg, oct, plan)
+            return
     owo, owi = sch.split(ow, [None, reg])
     occ_o, occ_i = sch.split(occ, [None, oct])
     # Channel chunks outside rows: rows outside (so an input row stays in cache while
@@ -1122,7 +1133,8 @@ def _blocked_reduction(sch, loops, reg: int, oct: int) -> tuple[int, int] | None
     return blocked_reduction_plan(*ext, reg, oct)
 
 
-def _schedule_conv_blocked_reduction(sch, block, lanes: int, reg: int, oct: int) -> None:
+def _schedule_conv_blocked_reduction(sch, block, lanes: int, reg: int, oct: int,
+                                     plan: tuple[int, int]) -> None:
     """A convolution whose tile reads more weights than L1 holds (ResNet-50's 1024 -> 256
     and 2048 -> 512 1x1 layers, 512-channel 3x3 layers): the plain schedule streams every
     weight from L2 once per register tile.  Here a task covers about :data:`TILES_PER_TASK`
@@ -1135,7 +1147,7 @@ def _schedule_conv_blocked_reduction(sch, block, lanes: int, reg: int, oct: int)
     little (256 -> 1024 at 14x14, 32 KiB) ran 0.93x this way in a scratch A/B: hence the
     threshold.
     """
-    icc_i, rows = _blocked_reduction(sch, sch.get_loops(block), reg, oct)
+    icc_i, rows = plan  # blocked_reduction_plan's
     n, occ, oh, ow, ocb, icc, kh, kw, icb = sch.get_loops(block)
     owo, owi = sch.split(ow, [None, reg])
     occ_o, occ_i = sch.split(occ, [None, oct])
