@@ -866,6 +866,92 @@ def _tile_epilogue(sch, write_back, at_loop, lanes: int) -> None:
         pending.extend(a for a in after if a not in pending)
 
 
+#: Weight-streaming kernels prefetch the next parallel task's weights into L2 while they
+#: compute the current task (:func:`prefetch_next_task`), where those weights, over all
+#: tasks, are at least :data:`PREFETCH_MIN_BYTES`: inside a model they come from memory.
+PREFETCH_NEXT_TASK = True
+PREFETCH_MIN_BYTES = 1 << 20
+#: Cache lines prefetched at one point: at least the first (fewer, coarser points: each
+#: costs its address arithmetic), at most the second (the reduction loop is split by
+#: :data:`PREFETCH_STEP` for finer points, else the kernel is left alone).
+PREFETCH_LINES = (4, 32)
+PREFETCH_STEP = 8
+_LINE_BYTES = 64
+
+
+def prefetch_next_task(sch, task_loop, loops: list, reduction, buffer, span: int,
+                       share: int = 1) -> bool:
+    """Prefetch (into L2) the weights the next tasks of the parallel ``task_loop`` read while
+    the current ones run.  Task ``f`` reads weight block ``f // share`` of ``buffer``: the
+    ``span`` contiguous elements from flat offset ``(f // share) * span`` (a packed panel, a
+    convolution's output-channel chunks), the same block for ``share`` consecutive tasks
+    (the rows of a convolution).  TVM's parallel loop gives each thread a contiguous range of
+    tasks, so block ``f // share + 1`` is usually the one this thread reads next.
+
+    Its lines are spread evenly over the ``share`` tasks and, in each, over the iterations
+    of the deepest of ``loops`` (the loops between ``task_loop`` and ``reduction``,
+    outermost first) whose points get at least ``PREFETCH_LINES[0]`` lines (one loop deeper
+    where those would get more than ``PREFETCH_LINES[1]``), or of ``reduction`` split by
+    :data:`PREFETCH_STEP` where even the deepest loop's would: a few lines at each point, so the memory traffic overlaps
+    the arithmetic instead of stalling the first pass over a block.  The prefetches are the
+    last change to the schedule (``ScheduleState.replace``); LLVM keeps register tiles in
+    registers through the inner, prefetch-free loops.  Returns whether it applied.
+    """
+    import tvm
+    from tvm import tirx
+    from tvm.tirx import stmt as ts
+
+    if not PREFETCH_NEXT_TASK:
+        return False
+    shape = _ints(buffer.shape)
+    elem = tvm.DataType(str(buffer.dtype)).bits // 8
+    numel, tasks = math.prod(shape), _extent(sch, task_loop)
+    extents = [_extent(sch, lp) for lp in loops]
+    if not tasks or tasks < 2 or numel * elem < PREFETCH_MIN_BYTES or numel % span \
+            or any(e is None for e in extents):
+        return False
+    lines = -(-span * elem // _LINE_BYTES)
+    depth, slots = 0, share  # prefetch points: in the body of loops[depth - 1]
+    while depth < len(loops) and -(-lines // (slots * extents[depth])) >= PREFETCH_LINES[0]:
+        slots *= extents[depth]
+        depth += 1
+    if -(-lines // slots) > PREFETCH_LINES[1] and depth < len(loops):
+        slots *= extents[depth]  # the next loop's points, though they get fewer lines
+        depth += 1
+    outer = loops[:depth]
+    if -(-lines // slots) > PREFETCH_LINES[1]:
+        k = _extent(sch, reduction)
+        step = _largest_divisor(k, PREFETCH_STEP) if k else 0
+        if step < PREFETCH_STEP // 2:
+            return False
+        ko, _ = sch.split(reduction, [None, step])
+        outer = [*loops, ko]
+        slots *= k // step
+    per = -(-lines // slots)
+    if per > PREFETCH_LINES[1] or not outer:
+        return False
+    task = sch.get(task_loop).loop_var
+    slot = task % share if share > 1 else 0
+    for lp in outer:
+        slot = slot * _extent(sch, lp) + sch.get(lp).loop_var
+    nxt = (task // share + 1) % (numel // span)
+    line_elems = _LINE_BYTES // elem
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    body = []
+    for t in range(per):
+        flat = nxt * span + tvm.te.min(slot * per + t, lines - 1) * line_elems
+        idx = [(flat // s) % n if d else flat // s for d, (s, n) in enumerate(zip(strides, shape))]
+        addr = tirx.address_of(tirx.BufferLoad(buffer, idx))
+        body.append(ts.Evaluate(tirx.call_llvm_intrin(  # read, into L2 (locality 2), data
+            "void", "llvm.prefetch.p0", addr, tirx.const(0, "int32"), tirx.const(2, "int32"),
+            tirx.const(1, "int32"))))
+    loop = sch.get(outer[-1])
+    new = ts.For(loop.loop_var, loop.min, loop.extent, loop.kind, ts.SeqStmt([*body, loop.body]),
+                 loop.thread_binding, loop.annotations)
+    sch.state.replace(sch.get_sref(outer[-1]), new)
+    return True
+
+
 def _decompose(sch, block, loop) -> None:
     """Split the reduction's init out at ``loop`` (its loops keep the body's kinds)."""
     return sch.decompose_reduction(block, loop)
@@ -1062,6 +1148,7 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
             return
     owo, owi = sch.split(ow, [None, reg])
     occ_o, occ_i = sch.split(occ, [None, oct])
+    blocks, rows = _extent(sch, occ_o), _extent(sch, oh)
     # Channel chunks outside rows: rows outside (so an input row stays in cache while
     # every chunk uses it) measured 1.2-1.9x slower on MobileNet's 1x1 convolutions.
     outer = [n, occ_o, oh]
@@ -1081,6 +1168,20 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
     _finish_conv_tile(sch, block, acc, first_r)
     sch.unroll(sch.get_loops(acc)[-2])  # the tile's pixels, written back
     _schedule_pad(sch)
+    if not depthwise:  # a task is one row of ``oct`` output chunks
+        _prefetch_conv_weights(sch, block, blocks, rows)
+
+
+def _prefetch_conv_weights(sch, block, blocks: int, rows: int) -> None:
+    """:func:`prefetch_next_task` for a scheduled dense convolution whose parallel tasks
+    are (batch, ``blocks`` groups of output chunks, ``rows`` row groups): the tasks of a
+    group read its chunks' weights, one contiguous block, the next group's follow.  The
+    prefetch points are in the input-channel vector loop."""
+    loops = sch.get_loops(block)  # task, ..., icb, then the register tile (3 loops)
+    weights = [r.source for r in sch.get(block).reads if len(r.source.shape) == 6]
+    if len(weights) == 1:
+        span = math.prod(_ints(weights[0].shape)) // blocks
+        prefetch_next_task(sch, loops[0], loops[1:-4], loops[-4], weights[0], span, rows)
 
 
 def _finish_conv_tile(sch, block, acc, first_reduction) -> None:
@@ -1153,6 +1254,7 @@ def _schedule_conv_blocked_reduction(sch, block, lanes: int, reg: int, oct: int,
     occ_o, occ_i = sch.split(occ, [None, oct])
     oh_o, oh_i = sch.split(oh, [None, rows])
     icc_o, icc_in = sch.split(icc, [None, icc_i])
+    blocks, row_groups = _extent(sch, occ_o), _extent(sch, oh_o)
     sch.reorder(n, occ_o, oh_o, icc_o, oh_i, owo, icc_in, kh, kw, icb, occ_i, owi, ocb)
     acc = sch.cache_write(block, 0, _ACC_SCOPE)
     par = sch.fuse(n, occ_o, oh_o)
@@ -1161,6 +1263,7 @@ def _schedule_conv_blocked_reduction(sch, block, lanes: int, reg: int, oct: int,
     sch.parallel(par)
     _finish_conv_tile(sch, block, acc, icc_o)
     _schedule_pad(sch)
+    _prefetch_conv_weights(sch, block, blocks, row_groups)
 
 
 def _shared_weight(sch, block) -> bool:

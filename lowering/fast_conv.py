@@ -382,9 +382,10 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     # most), the reduction over input channels outside them; parallel over (point, column
     # panel), row tiles inside, so a panel of the (large) transformed weight is streamed
     # from memory once, in order when ``U`` is packed (:func:`gemm_panel`), and re-read
-    # from L1 by the other row tiles.
+    # from L1 by the other row tiles; the next task's panel is prefetched meanwhile
+    # (:func:`cpu_schedules.prefetch_next_task`).
     e, i, j, k = sch.get_loops(block)
-    rows, cols = cs._extent(sch, i), cs._extent(sch, j)
+    rows, cols, k_extent = cs._extent(sch, i), cs._extent(sch, j), cs._extent(sch, k)
     packed = [r.source.shape for r in sch.get(block).reads if len(r.source.shape) == 4]
     if packed:  # U packed as (batch, cols / nb, K, nb)
         nb = int(packed[0][3])
@@ -403,16 +404,23 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     if nv > max_nv:
         jvo, jv = sch.split(jv, [None, cs._largest_divisor(nv, max_nv)])
         sch.reorder(e, jo, jvo, io, k, ii, jv, ji)
+        between = [jvo, io]
     else:
         sch.reorder(e, jo, io, k, ii, jv, ji)
+        between = [io]
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, io)
-    sch.parallel(sch.fuse(e, jo))
+    task = sch.fuse(e, jo)
+    sch.parallel(task)
     sch.vectorize(ji)
     sch.unroll(jv)
     sch.unroll(ii)
     sch.decompose_reduction(block, k)
     sch.vectorize(sch.get_loops(acc)[-1])
+    if packed:  # task (point, panel) reads panel ``task`` of U: prefetch the next one
+        u = next(r.source for r in sch.get(block).reads if len(r.source.shape) == 4)
+        if cs._extent(sch, task) * k_extent * nb == math.prod(cs._ints(u.shape)):
+            cs.prefetch_next_task(sch, task, between, k, u, k_extent * nb)
 
 
 def _schedule_complex_gemm(sch, block, lanes: int) -> None:

@@ -93,6 +93,75 @@ def test_blocked_reduction_needs_enough_tasks(monkeypatch):
     assert plan(2, 6, 6, 16, 64, 1, 1, 16, 6, 2) == (16, 6)
 
 
+def _prefetching_kernel(kind: str):
+    """A weight-streaming TE kernel: a blocked 3x3 conv (plain or blocked-reduction tile)
+    or a Winograd transform-domain GEMM with packed U; (PrimFunc, its argument shapes)."""
+    from tvm import te
+
+    from slimfx.lowering import fast_conv as lf
+
+    if kind == "gemm":  # F(2,3) at 14x14: 16 points, 49 tiles, 128 -> 128 channels
+        v = te.placeholder((16, 49, 128), name="v")
+        u = te.placeholder((16, 128 // 32, 128, 32), name="u")
+        args = [v, u, lf._batch_gemm_te(v, u)]
+    else:
+        # 36 KiB of weights per register tile / 295 KiB, 4 tasks: a blocked reduction
+        cin, cout, size = (32, 64, 14) if kind == "conv" else (256, 128, 7)
+        data = te.placeholder((1, cin // 16, size, size, 16), name="data")
+        kernel = te.placeholder((cout // 16, cin // 16, 3, 3, 16, 16), name="kernel")
+        args = [data, kernel, cs._conv_nchwc_te(data, kernel, (1, 1), (1, 1, 1, 1), (1, 1), False)]
+    return te.create_prim_func(args), [[int(d) for d in t.shape] for t in args]
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv-blocked", "gemm"])
+def test_weight_streams_are_prefetched(kind, monkeypatch):
+    """Kernels streaming large weights prefetch the next task's; the results are bitwise
+    those of the same schedule without prefetches; small weights and the switch turn it off."""
+    import numpy as np
+    import tvm
+
+    info = host_target()
+    func, shapes = _prefetching_kernel(kind)
+    monkeypatch.setattr(cs, "PREFETCH_MIN_BYTES", 0)  # these small weights qualify
+    blocked = []
+    real = cs._schedule_conv_blocked_reduction
+    monkeypatch.setattr(cs, "_schedule_conv_blocked_reduction",
+                        lambda *a: blocked.append(a) or real(*a))
+
+    def build(prefetch: bool):
+        monkeypatch.setattr(cs, "PREFETCH_NEXT_TASK", prefetch)
+        f = cs.schedule_primfunc(func, info)
+        assert ("llvm.prefetch" in f.script()) == prefetch
+        return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                           target=info.tvm()).jit()
+
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(s).astype("float32") for s in shapes[:-1]]
+    outs = []
+    for prefetch in (True, False):
+        args = [tvm.runtime.tensor(a, tvm.cpu()) for a in inputs]
+        args.append(tvm.runtime.tensor(np.zeros(shapes[-1], "float32"), tvm.cpu()))
+        build(prefetch)["main"](*args)
+        outs.append(args[-1].numpy())
+    assert np.abs(outs[0]).max() > 0 and np.array_equal(outs[0], outs[1])
+    assert bool(blocked) == (kind == "conv-blocked")
+    monkeypatch.setattr(cs, "PREFETCH_MIN_BYTES", 1 << 30)  # weights below the threshold
+    assert "llvm.prefetch" not in cs.schedule_primfunc(func, info).script()
+
+
+def test_prefetch_in_compiled_models(monkeypatch):
+    """Prefetching builds (every conv and Winograd GEMM qualifying) match PyTorch."""
+    monkeypatch.setattr(cs, "PREFETCH_MIN_BYTES", 0)
+    monkeypatch.setattr(cs, "SERIAL_BELOW", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 48, 1), nn.ReLU())
+    x = torch.randn(1, 32, 10, 10)
+    _check(model, x)
+    _check(model, x, pipeline="fold-bn,winograd{tile=2},dce", atol=1e-3)
+
+
 def test_small_kernels_run_on_one_thread(monkeypatch):
     """Kernels under SERIAL_BELOW iterations and SERIAL_MAX_ELEMENTS elements lose their
     parallel loops (the pool's hand-off cost as much as the work); larger ones keep them."""
