@@ -440,16 +440,24 @@ def _schedule_complex_gemm(sch, block, lanes: int) -> None:
     if nv > max_nv:
         jvo, jv = sch.split(jv, [None, cs._largest_divisor(nv, max_nv)])
         sch.reorder(e, jo, jvo, io, k, s, ii, t, jv, ji)
+        between = [jvo, io]
     else:
         sch.reorder(e, jo, io, k, s, ii, t, jv, ji)
+        between = [io]
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, io)
-    sch.parallel(sch.fuse(e, jo))
+    task = sch.fuse(e, jo)
+    sch.parallel(task)
     sch.vectorize(ji)
     for lp in (jv, t, ii, s):
         sch.unroll(lp)
     sch.decompose_reduction(block, k)
     sch.vectorize(sch.get_loops(acc)[-1])
+    local = sch.get(acc).reads[0].source
+    w = next(r.source for r in sch.get(block).reads
+             if len(r.source.shape) == 5 and not r.source.same_as(local))
+    _, _, ci, _, nb_w = cs._ints(w.shape)  # task (frequency, panel) reads one panel
+    cs.prefetch_next_task(sch, task, between, k, w, ci * 2 * nb_w)
 
 
 def _schedule_fft_forward_y(sch, block, lanes: int) -> None:

@@ -94,8 +94,9 @@ def test_blocked_reduction_needs_enough_tasks(monkeypatch):
 
 
 def _prefetching_kernel(kind: str):
-    """A weight-streaming TE kernel: a blocked 3x3 conv (plain or blocked-reduction tile)
-    or a Winograd transform-domain GEMM with packed U; (PrimFunc, its argument shapes)."""
+    """A weight-streaming TE kernel: a blocked 3x3 conv (plain or blocked-reduction tile),
+    a Winograd transform-domain GEMM with packed U or FFT's complex GEMM with a packed
+    spectrum; (PrimFunc, its argument shapes)."""
     from tvm import te
 
     from slimfx.lowering import fast_conv as lf
@@ -104,6 +105,10 @@ def _prefetching_kernel(kind: str):
         v = te.placeholder((16, 49, 128), name="v")
         u = te.placeholder((16, 128 // 32, 128, 32), name="u")
         args = [v, u, lf._batch_gemm_te(v, u)]
+    elif kind == "fft":  # the spectral product: 24 frequencies, 9 tiles, 64 -> 64 channels
+        v = te.placeholder((24, 9, 2 * 64), name="v")
+        w = te.placeholder((24, 64 // 32, 64, 2, 32), name="w")
+        args = [v, w, lf._fft_complex_gemm_te(v, w)]
     else:
         # 36 KiB of weights per register tile / 295 KiB, 4 tasks: a blocked reduction
         cin, cout, size = (32, 64, 14) if kind == "conv" else (256, 128, 7)
@@ -113,7 +118,7 @@ def _prefetching_kernel(kind: str):
     return te.create_prim_func(args), [[int(d) for d in t.shape] for t in args]
 
 
-@pytest.mark.parametrize("kind", ["conv", "conv-blocked", "gemm"])
+@pytest.mark.parametrize("kind", ["conv", "conv-blocked", "gemm", "fft"])
 def test_weight_streams_are_prefetched(kind, monkeypatch):
     """Kernels streaming large weights prefetch the next task's; the results are bitwise
     those of the same schedule without prefetches; small weights and the switch turn it off."""
