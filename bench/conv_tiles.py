@@ -16,6 +16,7 @@ what ``_conv_tile`` chooses.  Each shape is capped by the row's divisors (``(7, 
     python bench/conv_tiles.py --blocked-reduction --rounds 5 --models resnet50,resnet18
     python bench/conv_tiles.py --ab SHORT_ROW_TILES --rounds 7 --layers "80,80,4,3;48,48,7,3"
     python bench/conv_tiles.py --ab TILES_PER_TASK=32 --layers "1024,256,14,1"
+    python bench/conv_tiles.py --ab PREFETCH_NEXT_TASK --stack 24 --layers "2048,512,7,1"
 """
 
 from __future__ import annotations
@@ -107,10 +108,32 @@ def _conv_seconds(compiled, x, calls: int = 15) -> float:
     return statistics.median(times)
 
 
-def _layer(cin: int, cout: int, side: int, k: int, stride: int = 1):
-    """One convolution with ReLU, "same" padding, captured: (graph, input)."""
-    m = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2),
-                            torch.nn.ReLU()).eval()
+class _Stack(torch.nn.Module):
+    """``copies`` convolutions of one shape, each with its own weights, on one input, their
+    outputs summed: each convolution reads its weights from memory, as inside a model
+    (a layer compiled alone keeps them in cache from call to call), and its input from
+    cache."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, copies: int):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+                                         for _ in range(copies))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.convs[0](x)
+        for conv in self.convs[1:]:
+            y = y + conv(x)
+        return torch.relu(y)
+
+
+def _layer(cin: int, cout: int, side: int, k: int, stride: int = 1, copies: int = 1):
+    """One convolution with ReLU, "same" padding (or ``copies`` of it: :class:`_Stack`),
+    captured: (graph, input)."""
+    if copies > 1:
+        m = _Stack(cin, cout, k, stride, copies).eval()
+    else:
+        m = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2),
+                                torch.nn.ReLU()).eval()
     x = torch.randn(1, cin, side, side)
     return slimfx.capture(m, x), x
 
@@ -171,7 +194,7 @@ def switch_ab(args) -> None:
     if args.layers:
         specs = [tuple(int(v) for v in spec.split(",")) for spec in args.layers.split(";")]
     for cin, cout, side, k, stride in [(*spec, 1)[:5] for spec in specs]:
-        g, x = _layer(cin, cout, side, k, stride)
+        g, x = _layer(cin, cout, side, k, stride, args.stack)
         on = slimfx.compile(g, target="host", pipeline="fold-bn,dce")
         out = (side - 1) // stride + 1  # 'same' padding
         tile_on = _tile_desc(cin, cout, out, k, stride)
@@ -181,7 +204,7 @@ def switch_ab(args) -> None:
         on(x), off(x)  # warm up
         secs = alternate({key: (lambda cm=cm, x=x: _conv_seconds(cm, x))
                           for key, cm in (("on", on), ("off", off))}, args.rounds)
-        gflop = 2 * cin * cout * k * k * out * out / 1e9
+        gflop = 2 * cin * cout * k * k * out * out * args.stack / 1e9
         a, b = statistics.median(secs["off"]), statistics.median(secs["on"])
         rows.append([f"{cin}->{cout} {side}x{side} k{k}" + (f" s{stride}" if stride > 1 else ""),
                      tile_off, tile_on,
@@ -189,7 +212,9 @@ def switch_ab(args) -> None:
         print(" ".join(rows[-1]), flush=True)
     print(f"\n{flag}: convolution kernel GFLOP/s off ({flag}={off_value}) and on (default), "
           f"medians of {args.rounds} alternating rounds x 15 calls; tile: pixels x vectors, "
-          "weight KiB a tile streams")
+          "weight KiB a tile streams"
+          + (f"; {args.stack} copies of each layer, weights from memory" if args.stack > 1 else
+             "; each layer alone, its weights in cache"))
     print(format_table(["layer", "tile off", "tile on", "off", "on", "speedup"], rows))
     mrows = []
     for name in [m for m in args.models.split(",") if m]:
@@ -227,6 +252,9 @@ def main() -> None:
     ap.add_argument("--layers", default="",
                     help="with --ab: these layers instead of the built-in list, "
                          "'CIN,COUT,SIDE,K[,STRIDE];...'")
+    ap.add_argument("--stack", type=int, default=1, metavar="N",
+                    help="with --ab: time N copies of each layer (own weights, one input, "
+                         "summed), so each reads its weights from memory as in a model")
     ap.add_argument("--blocked-reduction", action="store_const", dest="ab",
                     const="BLOCK_REDUCTION_ABOVE", help="the same as --ab BLOCK_REDUCTION_ABOVE")
     args = ap.parse_args()
