@@ -14,6 +14,7 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py --warm       # layers timed warm (default: cold, as in a model)
     python bench/fast_conv.py --layers 256x14x3 --models '' --inside resnet18,resnet50 --size 224
     python bench/fast_conv.py --layers 64x56x3 --layouts  # Winograd blocked vs NCHW
+    python bench/fast_conv.py --chain 4 --models ''      # each layer inside a chain of 4
 
 The header also prints the streaming floor: the F(4,3) GEMM kernel at one row reading a
 256-channel ``U`` (9.4 MB) and a 56.6 MB buffer (an FFT spectrum's size), and per layer the
@@ -136,24 +137,33 @@ def bench_packing(grid, rounds: int, runs: int) -> list[list]:
 
 
 def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
-                 cold: bool = True) -> list[list]:
+                 cold: bool = True, chain: int = 1) -> list[list]:
     """One row per layer; ``measured`` (if given) collects ``(ConvParams, {algo: ms})``.
-    ``cold``: caches flushed before each run, as ``select-conv-algo{by=measure}`` times."""
+    ``cold``: caches flushed before each run, as ``select-conv-algo{by=measure}`` times.
+    ``chain`` > 1: each layer timed as one of ``chain`` layers of its shape in sequence (with
+    ReLU, their own weights; the chain's latency / ``chain``), as inside a model: its input
+    comes from the layer before it, in cache and (Winograd, FFT) in the layout that layer
+    wrote, and the layout transforms at the model's ends and the first kernel's wait for
+    workers that slept through the cache flush are shared by the chain."""
     rows = []
     for cin, size, k in grid:
         torch.manual_seed(0)
         conv = nn.Conv2d(cin, cin, k, padding=k // 2).eval()
+        if chain > 1:
+            conv = nn.Sequential(*[m for _ in range(chain)
+                                   for m in (nn.Conv2d(cin, cin, k, padding=k // 2), nn.ReLU())]).eval()
         x = torch.randn(1, cin, size, size)
         built, errs = {}, {}
         for a in _algos(k):
             cm = slimfx.compile(conv, x, pipeline=fc._pipeline_of(a),
                                 atol=fc.WINOGRAD_TOLERANCE[4], verbose=False)
             built[a], errs[a] = cm, cm.parity["max_abs_error"]
-        ms = _time_rounds(built, x, rounds, runs, cold)
+        ms = {a: t / chain for a, t in _time_rounds(built, x, rounds, runs, cold).items()}
         p = fc.ConvParams(cin, cin, k, (k // 2, k // 2), tuple(x.shape), tuple(x.shape))
         if measured is not None:
             measured.append((p, ms))
-        model_pick = min(_algos(k), key=lambda a: fc.estimate_ms(a, p))
+        model_pick = fc.choose({a: fc.estimate_ms(a, p) for a in _algos(k)},
+                               fc.SelectOptions().margin)  # as select-conv-algo{by=model}
         cells = []
         for a in ("winograd2", "winograd4", "fft"):
             cells += ([f"{ms[a]:.3f}", f"{ms['direct'] / ms[a]:.2f}x"] if a in ms else ["-", "-"])
@@ -214,9 +224,7 @@ def fit_model(measured: list) -> tuple[dict, list[list]]:
     new = {k: float(f"{v:.3g}") for k, v in fitted.items()}
 
     def pick(consts: dict, p, times: dict) -> str:  # as select-conv-algo decides (margin)
-        best = min(times, key=lambda a: estimate(consts, a, p))
-        margin = fc.SelectOptions().margin
-        return best if estimate(consts, "direct", p) >= margin * estimate(consts, best, p) else "direct"
+        return fc.choose({a: estimate(consts, a, p) for a in times}, fc.SelectOptions().margin)
 
     rows = []
     for p, times in measured:
@@ -362,6 +370,9 @@ def main() -> None:
     ap.add_argument("--inside", default="",
                     help="zoo models whose stride-1 3x3 layers are also timed inside the model "
                          "(all direct / F(2,3) / F(4,3), per-kernel profile) at --size")
+    ap.add_argument("--chain", type=int, default=1, metavar="N",
+                    help="time each layer as one of N same-shape layers in sequence (the "
+                         "chain's latency / N): its input from the layer before, as in a model")
     ap.add_argument("--fit", action="store_true",
                     help="refit select-conv-algo's cost model (fast_conv.MODEL) to the layers")
     args = ap.parse_args()
@@ -373,7 +384,8 @@ def main() -> None:
         if any(len(g) != 3 for g in grid):
             ap.error(f"--layers takes CxSIZExK items, got {args.layers!r}")
     measured: list = []
-    layer_rows = bench_layers(grid, args.rounds, args.runs, measured, cold=not args.warm)
+    layer_rows = bench_layers(grid, args.rounds, args.runs, measured, cold=not args.warm,
+                              chain=args.chain)
     fit = fit_model(measured) if args.fit else None
     if fit:
         fc.MODEL.update(fit[0])  # the whole-model by=model rows below use the fitted model
@@ -390,7 +402,9 @@ def main() -> None:
           "ratio = direct / algorithm (> 1: faster than direct)")
     print("\nper layer (Cin = Cout, stride 1, 'same' padding), compiled latency in ms, "
           + ("warm (run after run)" if args.warm else
-             f"cold (caches flushed: {slimfx.runtime.model.FLUSH_BYTES >> 20} MiB written before each run)"))
+             f"cold (caches flushed: {slimfx.runtime.model.FLUSH_BYTES >> 20} MiB written before each run)")
+          + (f"; each layer one of a chain of {args.chain} (the chain's latency / {args.chain})"
+             if args.chain > 1 else "; each layer compiled alone"))
     print(f"streaming the packed F(4,3) weights of a 256-channel layer (9.4 MB) through the GEMM "
           f"kernel at one row (no reuse): {s_ms:.3f} ms = {s_gbps:.1f} GB/s, the floor of any "
           "F(4,3) layer of 256 channels")

@@ -73,7 +73,7 @@ from .base import Pass, PassResult, register_pass
 __all__ = [
     "winograd_matrices", "winograd_conv2d", "fft_conv2d", "fft_tile", "fft_spectrum",
     "winograd_filter", "estimate_ms", "conv_params", "WINOGRAD_TOLERANCE", "FFT_TOLERANCE",
-    "WinogradOptions", "FFTConvOptions", "SelectOptions",
+    "WinogradOptions", "FFTConvOptions", "SelectOptions", "choose",
 ]
 
 aten = torch.ops.aten
@@ -534,6 +534,19 @@ MODEL = {"direct_eff": 0.724, "gemm_eff": 0.678, "transform_eff": 1.0, "dft_eff"
          "bytes_per_ns": 13.7, "kernel_overhead_ms": 0.0529}
 
 
+def choose(times: dict[str, float], margin: float) -> str:
+    """``select-conv-algo``'s decision from each algorithm's time (measured or estimated):
+    the fastest other than ``"direct"``, where direct takes at least ``margin`` times as long.
+
+    >>> choose({"direct": 1.0, "winograd2": 0.9, "fft": 0.97}, 1.05), choose({"direct": 1.0, "fft": 0.8}, 1.05)
+    ('winograd2', 'fft')
+    >>> choose({"direct": 1.0, "winograd4": 0.97}, 1.05)  # within the margin: direct stays
+    'direct'
+    """
+    best = min((a for a in times if a != "direct"), key=times.__getitem__, default="direct")
+    return best if times["direct"] >= margin * times[best] else "direct"
+
+
 def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int = 2,
                 ghz: float = 2.5, blocked: bool = True, model: dict | None = None) -> float:
     """Estimated latency (ms) of one convolution with ``algo`` ("direct", "winograd2",
@@ -751,8 +764,7 @@ class SelectConvAlgo(Pass):
                 times = {a: estimate_ms(a, p, vector_bits=info.vector_bits, cores=info.num_cores,
                                         blocked=info.kind == "llvm")
                          for a in ["direct", *cands]}
-            best = min(cands, key=times.__getitem__)
-            chosen = best if times["direct"] >= opts.margin * times[best] else "direct"
+            chosen = choose(times, opts.margin)
             choices[name] = {"choice": chosen, "ms": {a: round(t, 4) for a, t in times.items()},
                              "speedup": round(times["direct"] / times[chosen], 3)}
             if chosen != "direct":
