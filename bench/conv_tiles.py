@@ -156,7 +156,8 @@ def _shape_name(shape) -> str:
 #: --ab switches: the module-level flag of cpu_schedules and its "off" value.
 SWITCHES = {"BLOCK_REDUCTION_ABOVE": 0, "SQUARE_TILES": False, "ODD_CHUNK_TILES": False,
             "STRIDED_PAD_INLINE": False, "SHORT_ROW_TILES": False,
-            "SUBSAMPLE_STRIDED_POINTWISE": False, "PREFETCH_NEXT_TASK": False}
+            "SUBSAMPLE_STRIDED_POINTWISE": False, "PREFETCH_NEXT_TASK": False,
+            "ROW_PARTITION": False}
 
 
 def _tile_desc(cin: int, cout: int, side: int, k: int, stride: int = 1) -> str:

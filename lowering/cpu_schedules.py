@@ -1128,7 +1128,7 @@ def _pad_inline(sch, block, loops, depthwise: bool) -> bool:
     return kh * kw / stride**2 < 9 or widths[0] < 56
 
 
-def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
+def _schedule_conv(sch, block, lanes: int, depthwise: bool, threads: int = 1) -> None:
     loops = sch.get_loops(block)
     if _pad_inline(sch, block, loops, depthwise):
         _inline_pad(sch)
@@ -1146,12 +1146,17 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
         if plan is not None:
             _schedule_conv_blocked_reduction(sch, block, lanes, reg, oct, plan)
             return
+    parts = 1 if depthwise else _row_parts(sch, block, loops, threads)
     owo, owi = sch.split(ow, [None, reg])
     occ_o, occ_i = sch.split(occ, [None, oct])
-    blocks, rows = _extent(sch, occ_o), _extent(sch, oh)
+    blocks = _extent(sch, occ_o)
     # Channel chunks outside rows: rows outside (so an input row stays in cache while
     # every chunk uses it) measured 1.2-1.9x slower on MobileNet's 1x1 convolutions.
     outer = [n, occ_o, oh]
+    if parts > 1:
+        oh_t, oh = sch.split(oh, [parts, None])
+        outer = [n, oh_t, occ_o, oh]
+    rows = _extent(sch, oh)
     if depthwise and (_extent(sch, ocb) or 0) > lanes:  # a whole-channel (NHWC) block:
         ocb_o, ocb = sch.split(ocb, [None, lanes])  # one vector at a time, chunks outside
         outer = [n, occ_o, ocb_o, oh]
@@ -1170,6 +1175,24 @@ def _schedule_conv(sch, block, lanes: int, depthwise: bool) -> None:
     _schedule_pad(sch)
     if not depthwise:  # a task is one row of ``oct`` output chunks
         _prefetch_conv_weights(sch, block, blocks, rows)
+
+
+#: A dense convolution with fewer weights than input values gives each of the target's
+#: cores a band of output rows (all channels), not a range of output channels (all rows).
+#: The layers before and after it split their maps by rows too, so each core reads the
+#: rows it wrote, from its own cache; the price, each core reading all of the (small)
+#: weights.  ``bench/conv_tiles.py --ab ROW_PARTITION``.
+ROW_PARTITION = True
+
+
+def _row_parts(sch, block, loops, threads: int) -> int:
+    """Row bands (one per core) of a dense convolution's parallel tasks, or 1 (none)."""
+    n, occ, oh, ow, ocb, icc, kh, kw, icb = (_extent(sch, lp) or 1 for lp in loops)
+    if not ROW_PARTITION or threads < 2 or oh % threads:
+        return 1
+    weights = occ * icc * kh * kw * icb * ocb
+    inputs = icc * icb * oh * ow * _conv_stride(sch, block) ** 2
+    return threads if weights < inputs else 1
 
 
 def _prefetch_conv_weights(sch, block, blocks: int, rows: int) -> None:
@@ -1512,7 +1535,7 @@ def _hand_schedule_parallel(func, info: TargetInfo):
     kind, block = _anchor(sch)
     try:
         if kind in ("conv", "dwconv"):
-            _schedule_conv(sch, block, lanes, depthwise=kind == "dwconv")
+            _schedule_conv(sch, block, lanes, depthwise=kind == "dwconv", threads=info.num_cores)
             return sch, kind
         if kind == "matmul" and _schedule_matmul(sch, block, lanes):
             return sch, kind

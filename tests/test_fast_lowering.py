@@ -167,6 +167,33 @@ def test_prefetch_in_compiled_models(monkeypatch):
     _check(model, x, pipeline="fold-bn,winograd{tile=2},dce", atol=1e-3)
 
 
+@pytest.mark.parametrize("cin,size,stride,bands", [
+    (16, 16, 1, True),  # 2.3K weights, 4K input values: a row band per core
+    (16, 16, 2, True),  # strided: 8 output rows, the input rows of each band
+    (32, 16, 1, False),  # 9K weights, 8K input values: output channels split, as before
+    (16, 15, 1, False),  # 15 rows: no equal bands
+])
+def test_convs_with_small_weights_split_rows_across_cores(cin, size, stride, bands, monkeypatch):
+    """A conv with fewer weights than input values gives each core a band of rows (the
+    layers around it then read and write the same rows on the same core); others keep
+    splitting output channels.  Both match PyTorch."""
+    monkeypatch.setattr(cs, "SERIAL_BELOW", 0)
+    chosen = []
+    real = cs._row_parts
+    monkeypatch.setattr(cs, "_row_parts", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1), nn.ReLU(),
+                          nn.Conv2d(cin, cin, 3, 1, 1), nn.ReLU())
+    x = torch.randn(1, cin, size, size)
+    _check(model, x)
+    cores = host_target().num_cores
+    assert max(chosen, default=1) == (cores if bands and cores > 1 and (size // stride) % cores == 0 else 1)
+    chosen.clear()
+    monkeypatch.setattr(cs, "ROW_PARTITION", False)
+    _check(model, x)
+    assert set(chosen) == {1}
+
+
 def test_small_kernels_run_on_one_thread(monkeypatch):
     """Kernels under SERIAL_BELOW iterations and SERIAL_MAX_ELEMENTS elements lose their
     parallel loops (the pool's hand-off cost as much as the work); larger ones keep them."""
