@@ -892,10 +892,13 @@ def prefetch_next_task(sch, task_loop, loops: list, reduction, buffer, span: int
     of the deepest of ``loops`` (the loops between ``task_loop`` and ``reduction``,
     outermost first) whose points get at least ``PREFETCH_LINES[0]`` lines (one loop deeper
     where those would get more than ``PREFETCH_LINES[1]``), or of ``reduction`` split by
-    :data:`PREFETCH_STEP` where even the deepest loop's would: a few lines at each point, so the memory traffic overlaps
-    the arithmetic instead of stalling the first pass over a block.  The prefetches are the
-    last change to the schedule (``ScheduleState.replace``); LLVM keeps register tiles in
-    registers through the inner, prefetch-free loops.  Returns whether it applied.
+    :data:`PREFETCH_STEP` where even the deepest loop's points would: a few lines at each
+    point, so the memory traffic overlaps the arithmetic instead of stalling the first pass
+    over a block.  The prefetches are the last change to the schedule
+    (``ScheduleState.replace``, not in its trace: a kernel made serial by replaying the
+    trace runs without them); LLVM keeps register tiles in registers through the inner,
+    prefetch-free loops (a prefetch inside the register tile's loop made it store its
+    accumulators every iteration, 2x slower).  Returns whether it applied.
     """
     import tvm
     from tvm import tirx
@@ -1199,7 +1202,7 @@ def _prefetch_conv_weights(sch, block, blocks: int, rows: int) -> None:
     """:func:`prefetch_next_task` for a scheduled dense convolution whose parallel tasks
     are (batch, ``blocks`` groups of output chunks, ``rows`` row groups): the tasks of a
     group read its chunks' weights, one contiguous block, the next group's follow.  The
-    prefetch points are in the input-channel vector loop."""
+    prefetch points are in the loops between the task and its input-channel vector loop."""
     loops = sch.get_loops(block)  # task, ..., icb, then the register tile (3 loops)
     weights = [r.source for r in sch.get(block).reads if len(r.source.shape) == 6]
     if len(weights) == 1:
