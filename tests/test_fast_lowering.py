@@ -158,13 +158,20 @@ def test_prefetch_in_compiled_models(monkeypatch):
     """Prefetching builds (every conv and Winograd GEMM qualifying) match PyTorch."""
     monkeypatch.setattr(cs, "PREFETCH_MIN_BYTES", 0)
     monkeypatch.setattr(cs, "SERIAL_BELOW", 0)
+    applied = []
+    real = cs.prefetch_next_task
+    monkeypatch.setattr(cs, "prefetch_next_task",
+                        lambda *a, **k: applied.append(real(*a, **k)) or applied[-1])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(64, 48, 1), nn.ReLU())
     x = torch.randn(1, 32, 10, 10)
     _check(model, x)
+    assert applied.count(True) >= 3  # every conv
+    applied.clear()
     _check(model, x, pipeline="fold-bn,winograd{tile=2},dce", atol=1e-3)
+    assert applied.count(True) >= 2  # the Winograd GEMMs
 
 
 @pytest.mark.parametrize("cin,size,stride,bands", [
