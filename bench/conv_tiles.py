@@ -139,9 +139,10 @@ def _layer(cin: int, cout: int, side: int, k: int, stride: int = 1, copies: int 
 
 
 def _model(name: str) -> torch.nn.Module:
-    """A zoo model, or one of bench/latency.py's transformers models (efficientnet_b0, ...)."""
+    """A zoo model for 224x224 inputs, or one of bench/latency.py's transformers models
+    (efficientnet_b0, ...)."""
     if hasattr(zoo, name):
-        return getattr(zoo, name)().eval()
+        return zoo.get(name, **({"image_size": 224} if name == "vit" else {})).eval()
     from latency import HF
 
     if name not in HF:

@@ -95,8 +95,9 @@ def test_blocked_reduction_needs_enough_tasks(monkeypatch):
 
 def _prefetching_kernel(kind: str):
     """A weight-streaming TE kernel: a blocked 3x3 conv (plain or blocked-reduction tile),
-    a Winograd transform-domain GEMM with packed U or FFT's complex GEMM with a packed
-    spectrum; (PrimFunc, its argument shapes)."""
+    a Winograd transform-domain GEMM with packed U, FFT's complex GEMM with a packed
+    spectrum or a linear layer's matmul with packed weights (rows tiled outside the
+    panels, or a shared weight's panels outside the rows); (PrimFunc, its argument shapes)."""
     from tvm import te
 
     from slimfx.lowering import fast_conv as lf
@@ -105,6 +106,10 @@ def _prefetching_kernel(kind: str):
         v = te.placeholder((16, 49, 128), name="v")
         u = te.placeholder((16, 128 // 32, 128, 32), name="u")
         args = [v, u, lf._batch_gemm_te(v, u)]
+    elif kind.startswith("matmul"):  # x (8, 64) or (1, 8, 64) @ W (64, 96) packed (3, 64, 32)
+        x = te.placeholder((8, 64) if kind == "matmul" else (1, 8, 64), name="x")
+        wp = te.placeholder((3, 64, 32), name="wp")
+        args = [x, wp, cs._packed_matmul_te(x, wp)]
     elif kind == "fft":  # the spectral product: 24 frequencies, 9 tiles, 64 -> 64 channels
         v = te.placeholder((24, 9, 2 * 64), name="v")
         w = te.placeholder((24, 64 // 32, 64, 2, 32), name="w")
@@ -118,7 +123,7 @@ def _prefetching_kernel(kind: str):
     return te.create_prim_func(args), [[int(d) for d in t.shape] for t in args]
 
 
-@pytest.mark.parametrize("kind", ["conv", "conv-blocked", "gemm", "fft"])
+@pytest.mark.parametrize("kind", ["conv", "conv-blocked", "gemm", "fft", "matmul", "matmul-shared"])
 def test_weight_streams_are_prefetched(kind, monkeypatch):
     """Kernels streaming large weights prefetch the next task's; the results are bitwise
     those of the same schedule without prefetches; small weights and the switch turn it off."""
@@ -128,6 +133,7 @@ def test_weight_streams_are_prefetched(kind, monkeypatch):
     info = host_target()
     func, shapes = _prefetching_kernel(kind)
     monkeypatch.setattr(cs, "PREFETCH_MIN_BYTES", 0)  # these small weights qualify
+    monkeypatch.setattr(cs, "SERIAL_BELOW", 0)  # and these small kernels stay parallel
     blocked = []
     real = cs._schedule_conv_blocked_reduction
     monkeypatch.setattr(cs, "_schedule_conv_blocked_reduction",
