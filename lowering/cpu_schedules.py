@@ -1349,15 +1349,13 @@ def _schedule_matmul(sch, block, lanes: int) -> bool:
         # W packed (N / P, K, P): a task reads one panel of P columns, the next task the
         # next panel (row tiles outside: the panels in order) or, shared by every row
         # tile (panels outside), the same panel until the next one
-        k_ext = _extent(sch, k)
-        wp = [r.source for r in sch.get(block).reads if len(r.source.shape) == 3
-              and (lambda s: s[1] == k_ext and s[0] * s[2] == j_ext)(_ints(r.source.shape))]
-        if len(wp) == 1:
-            panels, _, pw = _ints(wp[0].shape)
-            tasks = _extent(sch, par)
-            if j_ext // (nv * vec) == panels and (not shared or tasks % panels == 0):
-                share = tasks // panels if shared else 1
-                prefetch_next_task(sch, par, [], k, wp[0], k_ext * pw, share)
+        k_ext, tasks = _extent(sch, k), _extent(sch, par)
+        panels = j_ext // (nv * vec)
+        wp = [r.source for r in sch.get(block).reads
+              if _ints(r.source.shape) == [panels, k_ext, nv * vec]]
+        if len(wp) == 1 and (not shared or tasks % panels == 0):
+            share = tasks // panels if shared else 1
+            prefetch_next_task(sch, par, [], k, wp[0], k_ext * nv * vec, share)
     return True
 
 

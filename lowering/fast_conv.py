@@ -386,9 +386,9 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     # (:func:`cpu_schedules.prefetch_next_task`).
     e, i, j, k = sch.get_loops(block)
     rows, cols, k_extent = cs._extent(sch, i), cs._extent(sch, j), cs._extent(sch, k)
-    packed = [r.source.shape for r in sch.get(block).reads if len(r.source.shape) == 4]
+    packed = [r.source for r in sch.get(block).reads if len(r.source.shape) == 4]
     if packed:  # U packed as (batch, cols / nb, K, nb)
-        nb = int(packed[0][3])
+        nb = int(packed[0].shape[3])
     else:
         nb = 2 * lanes if cols % (2 * lanes) == 0 else cols
     vec = lanes if nb % lanes == 0 else cs._largest_divisor(nb, lanes)
@@ -417,10 +417,9 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     sch.unroll(ii)
     sch.decompose_reduction(block, k)
     sch.vectorize(sch.get_loops(acc)[-1])
-    if packed:  # task (point, panel) reads panel ``task`` of U: prefetch the next one
-        u = next(r.source for r in sch.get(block).reads if len(r.source.shape) == 4)
-        if cs._extent(sch, task) * k_extent * nb == math.prod(cs._ints(u.shape)):
-            cs.prefetch_next_task(sch, task, between, k, u, k_extent * nb)
+    # task (point, panel) reads panel ``task`` of U: prefetch the next one
+    if packed and cs._extent(sch, task) * k_extent * nb == math.prod(cs._ints(packed[0].shape)):
+        cs.prefetch_next_task(sch, task, between, k, packed[0], k_extent * nb)
 
 
 def _schedule_complex_gemm(sch, block, lanes: int) -> None:
