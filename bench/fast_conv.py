@@ -10,7 +10,8 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py [--rounds 5] [--runs 10] [--quick] [--models resnet18,vgg11]
     python bench/fast_conv.py --layers 256x14x3,256x7x3 --models ''   # some grid points
     python bench/fast_conv.py --layers 256x14x3 --packing --models ''  # U packed vs not
-    python bench/fast_conv.py --fit        # also refit select-conv-algo's cost model
+    python bench/fast_conv.py --chain 4 --fit   # refit select-conv-algo's cost model as MODEL
+                                                # was; whole models timed with both constants
     python bench/fast_conv.py --warm       # layers timed warm (default: cold, as in a model)
     python bench/fast_conv.py --layers 256x14x3 --models '' --inside resnet18,resnet50 --size 224
     python bench/fast_conv.py --layers 64x56x3 --layouts  # Winograd blocked vs NCHW
@@ -24,7 +25,9 @@ weight bytes each algorithm reads and the bandwidth that implies.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 import warnings
 
@@ -37,10 +40,14 @@ from slimfx.ir.printing import format_table
 from slimfx.lowering import host_target
 from slimfx.passes import fast_conv as fc
 
-#: (channels in = out, size, kernel): channels 16-256, sizes 7-112, kernels 3, 5, 7, 11.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ab.py
+from ab import switched  # noqa: E402
+
+#: (channels in = out, size, kernel): channels 16-256, sizes 7-112, kernels 3, 5, 7, 11; and
+#: ResNet's 512-channel 7x7 layer, where F(2,3)'s transformed weights (16.8 MB) stream from memory.
 GRID = [
     (16, 112, 3), (32, 56, 3), (64, 56, 3), (64, 28, 3), (128, 28, 3), (256, 14, 3),
-    (256, 7, 3),
+    (256, 7, 3), (512, 7, 3),
     (16, 112, 5), (64, 56, 5), (128, 28, 5), (256, 14, 5),
     (16, 56, 7), (64, 28, 7), (128, 28, 7), (256, 7, 7),
     (16, 56, 11), (64, 28, 11), (128, 14, 11), (256, 14, 11),
@@ -215,7 +222,7 @@ def fit_model(measured: list) -> tuple[dict, list[list]]:
     ranges = {"bytes_per_ns": (0.5, 200.0), "kernel_overhead_ms": (1e-4, 0.5),
               "frame_ns_per_kib": (1e-3, 1e4)}
     bounds = [tuple(math.log(b) for b in ranges.get(k, (1e-3, 1.0))) for k in keys]
-    start = np.log([old.get(k, 10.0) for k in keys])
+    start = np.log([max(old.get(k, 10.0), 0.1) for k in keys])  # (a zero starts at 0.1)
     res = minimize(loss, start, method="Nelder-Mead", bounds=bounds,
                    options={"maxiter": 8000, "xatol": 1e-4, "fatol": 1e-7})
     fitted = dict(zip(keys, np.exp(res.x)))
@@ -324,19 +331,25 @@ def bench_layouts(names, size: int, rounds: int, runs: int) -> list[list]:
     return rows
 
 
-def bench_models(names, size: int, rounds: int, runs: int) -> list[list]:
+def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None = None) -> list[list]:
+    """Each model direct, with ``select-conv-algo{by=measure}`` and ``{by=model}``, and with
+    ``fitted`` constants (``--fit``) as a fourth build, all timed in the same rounds."""
     rows = []
+    labels = [("direct", None), ("measure", "select-conv-algo{by=measure}"),
+              ("model", "select-conv-algo{by=model}")]
+    if fitted:
+        labels.append(("fitted", "select-conv-algo{by=model}"))
     for name in names:
         torch.manual_seed(0)
         model = zoo.get(name).eval()
         x = torch.randn(1, 3, size, size)
         graph = slimfx.run_pipeline(slimfx.capture(model, x), "fold-bn,dce")
         built, chosen = {}, {}
-        for label, pipe in (("direct", None), ("measure", "select-conv-algo{by=measure}"),
-                            ("model", "select-conv-algo{by=model}")):
+        for label, pipe in labels:
             t0 = time.perf_counter()
             pm = slimfx.PassManager(pipe) if pipe else None
-            g = pm.run(graph) if pm else graph
+            with switched(fc, "MODEL", fitted if label == "fitted" else fc.MODEL):
+                g = pm.run(graph) if pm else graph
             if pm:
                 picks = [c["choice"] for c in pm.records[0].stats["choices"].values()]
                 chosen[label] = ",".join(f"{picks.count(a)} {a}" for a in sorted(set(picks)))
@@ -346,7 +359,9 @@ def bench_models(names, size: int, rounds: int, runs: int) -> list[list]:
         rows.append([name, f"1x3x{size}x{size}", f"{ms['direct']:.2f}",
                      f"{ms['measure']:.2f}", f"{ms['direct'] / ms['measure']:.2f}x",
                      chosen["measure"], f"{chosen['measure_s']:.0f}",
-                     f"{ms['model']:.2f}", f"{ms['direct'] / ms['model']:.2f}x", chosen["model"]])
+                     f"{ms['model']:.2f}", f"{ms['direct'] / ms['model']:.2f}x", chosen["model"]]
+                    + ([f"{ms['fitted']:.2f}", f"{ms['direct'] / ms['fitted']:.2f}x", chosen["fitted"]]
+                       if fitted else []))
         print(f"... {name}: " + ", ".join(f"{a} {v:.2f}" for a, v in ms.items()), flush=True)
     return rows
 
@@ -387,11 +402,10 @@ def main() -> None:
     layer_rows = bench_layers(grid, args.rounds, args.runs, measured, cold=not args.warm,
                               chain=args.chain)
     fit = fit_model(measured) if args.fit else None
-    if fit:
-        fc.MODEL.update(fit[0])  # the whole-model by=model rows below use the fitted model
     pack_rows = bench_packing(grid, args.rounds, args.runs) if args.packing else []
     names = [m for m in args.models.split(",") if m]
-    model_rows = bench_models(names, args.size, args.rounds, args.runs)
+    model_rows = bench_models(names, args.size, args.rounds, args.runs,
+                              fitted={**fc.MODEL, **fit[0]} if fit else None)
     layout_rows = bench_layouts(names, args.size, args.rounds, args.runs) if args.layouts else []
     inside = [m for m in args.inside.split(",") if m]
     inside_rows = bench_inside(inside, args.size, args.runs) if inside else []
@@ -427,10 +441,12 @@ def main() -> None:
                            fit[1], right={0, 1}))
     if model_rows:
         print("\nwhole model (fold-bn,dce first), compiled latency in ms; select-conv-algo "
-              "by=measure and by=model" + (" (fitted)" if fit else "") + " vs direct")
+              "by=measure and by=model" + (" (MODEL, then the fitted constants)" if fit else "")
+              + " vs direct")
         print(format_table(["model", "input", "direct", "measure", "ratio", "choices",
-                            "select s", "model", "ratio", "choices"], model_rows,
-                           right={2, 3, 4, 6, 7, 8}))
+                            "select s", "model", "ratio", "choices"]
+                           + (["fitted", "ratio", "choices"] if fit else []), model_rows,
+                           right={2, 3, 4, 6, 7, 8, 10, 11}))
     if inside_rows:
         print(f"\ninside the model (1x3x{args.size}x{args.size}; every stride-1 3x3 layer direct, "
               f"F(2,3) or F(4,3)), ms per call from a per-kernel profile of {args.runs} runs; "
