@@ -9,7 +9,8 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
 
     python bench/fast_conv.py [--rounds 5] [--runs 10] [--quick] [--models resnet18,vgg11]
     python bench/fast_conv.py --layers 256x14x3,256x7x3 --models ''   # some grid points
-    python bench/fast_conv.py --layers 256x14x3 --packing --models ''  # U packed vs not
+    python bench/fast_conv.py --layers 256x14x3 --ab PACK_U --models ''  # U packed vs not
+    python bench/fast_conv.py --ab ROW_TRANSFORMS --chain 4 --quick --models resnet18
     python bench/fast_conv.py --chain 4 --fit   # refit select-conv-algo's cost model as MODEL
                                                 # was; whole models timed with both constants
     python bench/fast_conv.py --warm       # layers timed warm (default: cold, as in a model)
@@ -111,35 +112,62 @@ def weight_mb(algo: str, cin: int, size: int, k: int) -> float:
     return per * cin * cin * 4 / 1e6
 
 
-def bench_packing(grid, rounds: int, runs: int) -> list[list]:
-    """F(2,3) / F(4,3) with ``U`` packed in column panels (the lowering) vs one panel of
-    all columns (``U`` as ``(alpha^2, Cin, Cout)``, the layout before packing: the GEMM
-    then reads strided column blocks), timed in the same interleaved rounds."""
+def _layer(cin: int, k: int, chain: int) -> nn.Module:
+    """One ``cin -> cin`` ``k x k`` 'same' conv, or ``chain`` of them with ReLUs between."""
+    if chain > 1:
+        return nn.Sequential(*[m for _ in range(chain)
+                               for m in (nn.Conv2d(cin, cin, k, padding=k // 2), nn.ReLU())]).eval()
+    return nn.Conv2d(cin, cin, k, padding=k // 2).eval()
+
+
+def bench_switch(grid, flag: str, rounds: int, runs: int, cold: bool = True,
+                 chain: int = 1) -> list[list]:
+    """F(2,3) / F(4,3) built with the lowering switch ``slimfx.lowering.fast_conv.<flag>``
+    off and on (``PACK_U``: ``U`` as ``(alpha^2, Cin, Cout)``, the GEMM reading strided column
+    blocks, vs packed in column panels), timed in the same interleaved rounds."""
     from slimfx.lowering import fast_conv as lf
 
     rows = []
     for cin, size, k in [g for g in grid if g[2] == 3]:
         torch.manual_seed(0)
-        conv = nn.Conv2d(cin, cin, k, padding=1).eval()
+        conv = _layer(cin, k, chain)
         x = torch.randn(1, cin, size, size)
         built = {}
-        for label, pack in (("packed", True), ("unpacked", False)):
-            lf.PACK_U = pack
-            try:
+        for label, on in (("off", False), ("on", True)):
+            with switched(lf, flag, on):
                 for a in ("winograd2", "winograd4"):
                     built[f"{a} {label}"] = slimfx.compile(
                         conv, x, pipeline=fc._pipeline_of(a), atol=fc.WINOGRAD_TOLERANCE[4],
                         verbose=False)
-            finally:
-                lf.PACK_U = True
-        ms = _time_rounds(built, x, rounds, runs)
+        ms = {key: t / chain for key, t in _time_rounds(built, x, rounds, runs, cold).items()}
         cells = []
         for a in ("winograd2", "winograd4"):
-            p, u = ms[f"{a} packed"], ms[f"{a} unpacked"]
-            cells += [f"{u:.3f}", f"{p:.3f}", f"{u / p:.2f}x"]
+            off, on = ms[f"{a} off"], ms[f"{a} on"]
+            cells += [f"{off:.3f}", f"{on:.3f}", f"{off / on:.2f}x"]
         rows.append([f"{cin}", f"{size}", *cells])
-        print(f"... packing {cin}ch {size}x{size}: " + ", ".join(f"{a} {v:.3f}" for a, v in ms.items()),
+        print(f"... {flag} {cin}ch {size}x{size}: " + ", ".join(f"{a} {v:.3f}" for a, v in ms.items()),
               flush=True)
+    return rows
+
+
+def bench_switch_models(names, size: int, flag: str, rounds: int, runs: int) -> list[list]:
+    """Whole models with ``select-conv-algo{by=model}``, built with the switch off and on."""
+    from slimfx.lowering import fast_conv as lf
+
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        x = torch.randn(1, 3, size, size)
+        graph = slimfx.run_pipeline(slimfx.capture(zoo.get(name).eval(), x),
+                                    "fold-bn,select-conv-algo{by=model},dce")
+        built = {}
+        for label, on in (("off", False), ("on", True)):
+            with switched(lf, flag, on):
+                built[label] = slimfx.compile(graph, atol=fc.WINOGRAD_TOLERANCE[4], verbose=False)
+        ms = _time_rounds(built, x, rounds, runs)
+        rows.append([name, f"1x3x{size}x{size}", f"{ms['off']:.2f}", f"{ms['on']:.2f}",
+                     f"{ms['off'] / ms['on']:.2f}x"])
+        print(f"... {flag} {name}: off {ms['off']:.2f}, on {ms['on']:.2f}", flush=True)
     return rows
 
 
@@ -155,10 +183,7 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
     rows = []
     for cin, size, k in grid:
         torch.manual_seed(0)
-        conv = nn.Conv2d(cin, cin, k, padding=k // 2).eval()
-        if chain > 1:
-            conv = nn.Sequential(*[m for _ in range(chain)
-                                   for m in (nn.Conv2d(cin, cin, k, padding=k // 2), nn.ReLU())]).eval()
+        conv = _layer(cin, k, chain)
         x = torch.randn(1, cin, size, size)
         built, errs = {}, {}
         for a in _algos(k):
@@ -373,8 +398,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"layers {QUICK} only")
     ap.add_argument("--layers", default="",
                     help="only these layers, 'CxSIZExK' comma-separated (e.g. 256x14x3,256x7x3)")
-    ap.add_argument("--packing", action="store_true",
-                    help="also time F(2,3)/F(4,3) with U packed vs unpacked (3x3 layers)")
+    ap.add_argument("--ab", metavar="SWITCH",
+                    help="only time F(2,3)/F(4,3) layers (3x3 ones of the grid) and --models with "
+                         "select-conv-algo{by=model}, built with slimfx.lowering.fast_conv.SWITCH "
+                         "off and on (PACK_U, ROW_TRANSFORMS, PAD_INLINE, BLOCKED)")
+    ap.add_argument("--packing", action="store_true", help="the same as --ab PACK_U")
     ap.add_argument("--models", default="resnet18,vgg11", help="zoo models ('' for none)")
     ap.add_argument("--size", type=int, default=112, help="model input height/width")
     ap.add_argument("--layouts", action="store_true",
@@ -398,12 +426,28 @@ def main() -> None:
         grid = [tuple(int(v) for v in spec.lower().split("x")) for spec in args.layers.split(",")]
         if any(len(g) != 3 for g in grid):
             ap.error(f"--layers takes CxSIZExK items, got {args.layers!r}")
+    names = [m for m in args.models.split(",") if m]
+    if args.packing:
+        args.ab = "PACK_U"
+    if args.ab:
+        from slimfx.lowering import fast_conv as lf
+
+        if not isinstance(getattr(lf, args.ab, None), bool) or not args.ab.isupper():
+            ap.error(f"--ab {args.ab}: not a switch of slimfx.lowering.fast_conv")
+        rows = bench_switch(grid, args.ab, args.rounds, args.runs, not args.warm, args.chain)
+        mrows = bench_switch_models(names, args.size, args.ab, args.rounds, args.runs)
+        print(f"\n{args.ab} off vs on, compiled latency in ms, medians of {args.rounds} alternating "
+              f"rounds x {args.runs} runs; ratio = off / on (> 1: the switch is faster)"
+              + (f"; each layer one of a chain of {args.chain}" if args.chain > 1 else ""))
+        print(format_table(["C", "HxW", "F(2,3) off", "on", "ratio", "F(4,3) off", "on", "ratio"],
+                           rows, right=set(range(8))))
+        if mrows:
+            print(format_table(["model", "input", "off", "on", "ratio"], mrows, right={2, 3, 4}))
+        return
     measured: list = []
     layer_rows = bench_layers(grid, args.rounds, args.runs, measured, cold=not args.warm,
                               chain=args.chain)
     fit = fit_model(measured) if args.fit else None
-    pack_rows = bench_packing(grid, args.rounds, args.runs) if args.packing else []
-    names = [m for m in args.models.split(",") if m]
     model_rows = bench_models(names, args.size, args.rounds, args.runs,
                               fitted={**fc.MODEL, **fit[0]} if fit else None)
     layout_rows = bench_layouts(names, args.size, args.rounds, args.runs) if args.layouts else []
@@ -430,11 +474,6 @@ def main() -> None:
                        layer_rows, right=set(range(0, 10)) | {13, 14}))
     print("weights MB: per call, each algorithm's (direct/F(2,3)/F(4,3)/FFT, or direct/FFT); "
           "GB/s: those bytes / its median time")
-    if pack_rows:
-        print("\nWinograd GEMM weight layout, compiled latency in ms: U unpacked "
-              "(alpha^2, Cin, Cout) vs packed in column panels; ratio = unpacked / packed")
-        print(format_table(["C", "HxW", "F(2,3) unpacked", "packed", "ratio", "F(4,3) unpacked",
-                            "packed", "ratio"], pack_rows, right=set(range(8))))
     if fit:
         print(f"\ncost model refitted to these layers: MODEL = {fit[0]}")
         print(format_table(["C", "HxW", "kernel", "fastest", "old model picks", "fitted picks"],

@@ -128,10 +128,18 @@ def _row_times(matrix: np.ndarray, row, term):
 #: the kernel profile: 1.5-1.8x faster input transforms on ResNet's 3x3 layers.
 PAD_INLINE = True
 
+#: Compute the separable transforms' intermediate (``B^T d``, ``A^T M``) a row at a time,
+#: where the row's outputs are computed: ``alpha`` vectors, a stack array that stays in
+#: registers.  False computes a whole tile's at the tile (F(4,3): 2.3 KB for the input,
+#: 1.5 KB for the output), above TVM's 1 KB limit for a CPU stack buffer, so every parallel
+#: task allocates it from the workspace pool and it goes through memory
+#: (``bench/fast_conv.py --ab ROW_TRANSFORMS``).  Read when a kernel is scheduled.
+ROW_TRANSFORMS = True
+
 #: Blocks of the separable transforms: ``B^T d`` (then ``(B^T d) B``) for the input,
-#: ``M A`` (then ``A^T (M A)``) for the output; computed per tile inside their kernel.
+#: ``A^T M`` (then ``(A^T M) A``) for the output; computed a row at a time inside their kernel.
 INPUT_ROWS_BLOCK = "wino_in_rows"
-OUTPUT_COLS_BLOCK = "wino_out_cols"
+OUTPUT_ROWS_BLOCK = "wino_out_rows"
 
 
 def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int):
@@ -226,14 +234,14 @@ def _winograd_output_te(mm, bias, at: np.ndarray, n: int, ho: int, wo: int, bloc
     m, alpha = at.shape
     th, tw = -(-ho // m), -(-wo // m)
     co = int(mm.shape[2])
-    # (M A)[eps, j] = sum_nu M[(eps, nu)] A[nu, j] = sum_nu A^T[j, nu] M[(eps, nu)]
-    ma = te.compute((alpha, m, int(mm.shape[1]), co),
-                    lambda eps, j, p, c: _row_times(at, j, lambda nu: mm[eps * alpha + nu, p, c]),
-                    name=OUTPUT_COLS_BLOCK)
+    # (A^T M)[i, nu] = sum_eps A^T[i, eps] M[(eps, nu)]
+    am = te.compute((m, alpha, int(mm.shape[1]), co),
+                    lambda i, nu, p, c: _row_times(at, i, lambda eps: mm[eps * alpha + nu, p, c]),
+                    name=OUTPUT_ROWS_BLOCK)
 
-    def y(b, c, yy, xx):  # (A^T (M A))[i, j] of the tile holding (yy, xx)
+    def y(b, c, yy, xx):  # ((A^T M) A)[i, j] = sum_nu (A^T M)[i, nu] A^T[j, nu] of the tile
         p = (b * th + yy // m) * tw + xx // m
-        acc = _row_times(at, yy % m, lambda eps: ma[eps, xx % m, p, c])
+        acc = _row_times(at, xx % m, lambda nu: am[yy % m, nu, p, c])
         return acc + bias[c] if bias is not None else acc
 
     if block:
@@ -315,25 +323,38 @@ def _schedule_input(sch, block, lanes: int) -> None:
         sch.reorder(p, e, ci)
         tile = p
     sch.parallel(tile)
-    sch.unroll(e)
+    alpha = math.isqrt(cs._extent(sch, e))
+    eps, nu = sch.split(e, [alpha, alpha])
+    sch.unroll(eps)
+    sch.unroll(nu)
     sch.vectorize(ci)
-    if rows is not None:  # B^T d of this tile and channel vector, kept in registers
-        sch.compute_at(rows, tile)
-        eps, j, cr = sch.get_loops(rows)[-3:]  # (the tile's loop, of extent 1, is gone)
-        sch.unroll(eps)
-        sch.unroll(j)
-        sch.vectorize(cr)
+    if rows is not None:
+        # B^T d's row eps at the eps loop: all that V[(eps, nu)] reads (ROW_TRANSFORMS)
+        _compute_in_registers(sch, rows, block, eps if ROW_TRANSFORMS else tile, lanes)
+
+
+def _compute_in_registers(sch, block, consumer, anchor, lanes: int) -> None:
+    """``block`` computed at ``anchor`` (a loop of ``consumer``), its loops there unrolled
+    and the innermost vectorized: constants folded, values in registers."""
+    depth = 1 + next(i for i, lp in enumerate(sch.get_loops(consumer))
+                     if sch.get_sref(lp).same_as(sch.get_sref(anchor)))
+    sch.compute_at(block, anchor)
+    *outer, inner = sch.get_loops(block)[depth:]
+    for lp in outer:
+        sch.unroll(lp)
+    if cs._vector_ok(cs._extent(sch, inner), lanes):
+        sch.vectorize(inner)
 
 
 def _schedule_output(sch, block, lanes: int) -> None:
     # Inline the element-wise ops fused after the transform (ReLU, residual add) into the
     # last block, then tile that block by m x m, unrolled so the constants of A fold, with
-    # M A of the tile computed at it (registers).
+    # (A^T M) of each tile row computed at it (registers).
     m = _tile_of(sch, block)
-    cols = None
+    rows = None
     for b in cs._blocks(sch)[:-1]:
-        if cs._block_name(sch, b).startswith(OUTPUT_COLS_BLOCK):
-            cols = b
+        if cs._block_name(sch, b).startswith(OUTPUT_ROWS_BLOCK):
+            rows = b
         else:
             sch.compute_inline(b)
     loops = sch.get_loops(cs._blocks(sch)[-1])
@@ -359,13 +380,9 @@ def _schedule_output(sch, block, lanes: int) -> None:
     sch.unroll(yi)
     sch.unroll(xi)
     sch.vectorize(ci)
-    if cols is not None:  # M A of this tile and channel chunk
-        sch.compute_at(cols, co if co is not None else tile)
-        eps, j, cc = sch.get_loops(cols)[-3:]
-        sch.unroll(eps)
-        sch.unroll(j)
-        if cs._vector_ok(cs._extent(sch, cc), lanes):
-            sch.vectorize(cc)
+    if rows is not None:  # row i of A^T M at the row loop: all that its outputs read
+        _compute_in_registers(sch, rows, cs._blocks(sch)[-1],
+                              yi if ROW_TRANSFORMS else (co if co is not None else tile), lanes)
 
 
 def _tile_of(sch, block) -> int:
