@@ -56,6 +56,9 @@ GRID = [
 QUICK = [(64, 56, 3), (128, 28, 3), (256, 14, 3), (64, 28, 7), (64, 28, 11)]
 
 
+ALGO_NAMES = {"direct": "direct", "winograd2": "F(2,3)", "winograd4": "F(4,3)", "fft": "FFT"}
+
+
 def _algos(kernel: int) -> list[str]:
     return ["direct", "winograd2", "winograd4", "fft"] if kernel == 3 else ["direct", "fft"]
 
@@ -122,29 +125,29 @@ def _layer(cin: int, k: int, chain: int) -> nn.Module:
 
 def bench_switch(grid, flag: str, rounds: int, runs: int, cold: bool = True,
                  chain: int = 1) -> list[list]:
-    """F(2,3) / F(4,3) built with the lowering switch ``slimfx.lowering.fast_conv.<flag>``
+    """Each layer's F(2,3) / F(4,3) (3x3) or FFT (larger kernels) built with the lowering switch ``slimfx.lowering.fast_conv.<flag>``
     off and on (``PACK_U``: ``U`` as ``(alpha^2, Cin, Cout)``, the GEMM reading strided column
     blocks, vs packed in column panels), timed in the same interleaved rounds."""
     from slimfx.lowering import fast_conv as lf
 
     rows = []
-    for cin, size, k in [g for g in grid if g[2] == 3]:
+    for cin, size, k in grid:
         torch.manual_seed(0)
         conv = _layer(cin, k, chain)
         x = torch.randn(1, cin, size, size)
+        algos = ["winograd2", "winograd4"] if k == 3 else ["fft"]
         built = {}
         for label, on in (("off", False), ("on", True)):
             with switched(lf, flag, on):
-                for a in ("winograd2", "winograd4"):
+                for a in algos:
                     built[f"{a} {label}"] = slimfx.compile(
                         conv, x, pipeline=fc._pipeline_of(a), atol=fc.WINOGRAD_TOLERANCE[4],
                         verbose=False)
         ms = {key: t / chain for key, t in _time_rounds(built, x, rounds, runs, cold).items()}
-        cells = []
-        for a in ("winograd2", "winograd4"):
+        for a in algos:
             off, on = ms[f"{a} off"], ms[f"{a} on"]
-            cells += [f"{off:.3f}", f"{on:.3f}", f"{off / on:.2f}x"]
-        rows.append([f"{cin}", f"{size}", *cells])
+            rows.append([f"{cin}", f"{size}", f"{k}x{k}", ALGO_NAMES[a], f"{off:.3f}", f"{on:.3f}",
+                         f"{off / on:.2f}x"])
         print(f"... {flag} {cin}ch {size}x{size}: " + ", ".join(f"{a} {v:.3f}" for a, v in ms.items()),
               flush=True)
     return rows
@@ -399,7 +402,7 @@ def main() -> None:
     ap.add_argument("--layers", default="",
                     help="only these layers, 'CxSIZExK' comma-separated (e.g. 256x14x3,256x7x3)")
     ap.add_argument("--ab", metavar="SWITCH",
-                    help="only time F(2,3)/F(4,3) layers (3x3 ones of the grid) and --models with "
+                    help="only time the grid's layers with F(2,3)/F(4,3) (3x3) or FFT, and --models with "
                          "select-conv-algo{by=model}, built with slimfx.lowering.fast_conv.SWITCH "
                          "off and on (PACK_U, ROW_TRANSFORMS, PAD_INLINE, BLOCKED)")
     ap.add_argument("--packing", action="store_true", help="the same as --ab PACK_U")
@@ -439,8 +442,8 @@ def main() -> None:
         print(f"\n{args.ab} off vs on, compiled latency in ms, medians of {args.rounds} alternating "
               f"rounds x {args.runs} runs; ratio = off / on (> 1: the switch is faster)"
               + (f"; each layer one of a chain of {args.chain}" if args.chain > 1 else ""))
-        print(format_table(["C", "HxW", "F(2,3) off", "on", "ratio", "F(4,3) off", "on", "ratio"],
-                           rows, right=set(range(8))))
+        print(format_table(["C", "HxW", "kernel", "algorithm", "off", "on", "ratio"], rows,
+                           right={0, 1, 4, 5, 6}))
         if mrows:
             print(format_table(["model", "input", "off", "on", "ratio"], mrows, right={2, 3, 4}))
         return

@@ -136,6 +136,17 @@ PAD_INLINE = True
 #: (``bench/fast_conv.py --ab ROW_TRANSFORMS``).  Read when a kernel is scheduled.
 ROW_TRANSFORMS = True
 
+#: Accumulator tiles of the transform-domain GEMMs in the scope the direct convolutions use
+#: (``cpu_schedules._ACC_SCOPE``): a "global" buffer under 1 KB is a stack array LLVM keeps
+#: in registers; a "local" one, of any size, is allocated from the workspace pool (and
+#: zeroed) on every row tile.  False keeps "local" (``bench/fast_conv.py --ab STACK_ACCUMULATORS``).
+STACK_ACCUMULATORS = True
+
+
+def _acc_scope() -> str:
+    return cs._ACC_SCOPE if STACK_ACCUMULATORS else "local"
+
+
 #: Blocks of the separable transforms: ``B^T d`` (then ``(B^T d) B``) for the input,
 #: ``A^T M`` (then ``(A^T M) A``) for the output; computed a row at a time inside their kernel.
 INPUT_ROWS_BLOCK = "wino_in_rows"
@@ -425,7 +436,7 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     else:
         sch.reorder(e, jo, io, k, ii, jv, ji)
         between = [io]
-    acc = sch.cache_write(block, 0, "local")
+    acc = sch.cache_write(block, 0, _acc_scope())
     sch.reverse_compute_at(acc, io)
     task = sch.fuse(e, jo)
     sch.parallel(task)
@@ -460,7 +471,7 @@ def _schedule_complex_gemm(sch, block, lanes: int) -> None:
     else:
         sch.reorder(e, jo, io, k, s, ii, t, jv, ji)
         between = [io]
-    acc = sch.cache_write(block, 0, "local")
+    acc = sch.cache_write(block, 0, _acc_scope())
     sch.reverse_compute_at(acc, io)
     task = sch.fuse(e, jo)
     sch.parallel(task)
