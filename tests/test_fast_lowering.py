@@ -973,3 +973,47 @@ def test_depthwise_conv_next_to_layer_norms_runs_channels_last(monkeypatch):
         calls[nhwc] = (text.count("R.call_tir("), text.count("te_layout_transform"))
     assert calls[True][1] == 0 < calls[False][1], calls
     assert calls[True][0] == calls[False][0] - 2, calls  # one kernel fewer per block
+
+
+def _workspace_kernels(model, x, pipeline: str, monkeypatch) -> dict[str, int]:
+    """Compile ``model`` (parity checked) and count, per parallel task body (an LLVM
+    ``__tvm_parallel_lambda``) of the built library, the calls that allocate from TVM's
+    workspace pool: one allocation per task.  (A kernel may allocate a buffer once per call
+    outside its parallel loop: the NHWC copy of an NCHW input, here.)"""
+    import re
+
+    from tvm import relax
+
+    built = []
+    real = relax.build
+    monkeypatch.setattr(relax, "build", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    slimfx.compile(model, x, pipeline=pipeline, verbose=False)
+    mod = built[-1].mod
+    ll = "".join(m.inspect_source("ll") for m in [mod, *mod.imports] if m.kind == "llvm")
+    counts: dict[str, int] = {}
+    name = None
+    for line in ll.splitlines():
+        if line.startswith("define"):
+            name = re.search(r"@([\w.]+)\(", line).group(1)
+        elif "load ptr, ptr @__TVMBackendAllocWorkspace" in line and "parallel_lambda" in name:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_fast_conv_kernels_allocate_nothing_per_task(monkeypatch):
+    """Winograd transforms compute their intermediate a row at a time and the
+    transform-domain GEMMs keep their accumulators on the stack: no kernel of these layers
+    allocates from the workspace pool (each parallel task did, before)."""
+    from slimfx.lowering import fast_conv as lf
+
+    monkeypatch.setattr(cs, "SERIAL_BELOW", 0)  # small kernels stay parallel
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 5, padding=2)).eval()
+    x = torch.randn(1, 16, 12, 12)
+    pipeline = "winograd{tile=4},fft-conv"
+    assert _workspace_kernels(model, x, pipeline, monkeypatch) == {}
+    monkeypatch.setattr(lf, "ROW_TRANSFORMS", False)
+    monkeypatch.setattr(lf, "STACK_ACCUMULATORS", False)
+    assert len(_workspace_kernels(model, x, pipeline, monkeypatch)) >= 3
