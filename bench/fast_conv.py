@@ -125,9 +125,10 @@ def _layer(cin: int, k: int, chain: int) -> nn.Module:
 
 def bench_switch(grid, flag: str, rounds: int, runs: int, cold: bool = True,
                  chain: int = 1) -> list[list]:
-    """Each layer's F(2,3) / F(4,3) (3x3) or FFT (larger kernels) built with the lowering switch ``slimfx.lowering.fast_conv.<flag>``
-    off and on (``PACK_U``: ``U`` as ``(alpha^2, Cin, Cout)``, the GEMM reading strided column
-    blocks, vs packed in column panels), timed in the same interleaved rounds."""
+    """Each layer's F(2,3) / F(4,3) (3x3) or FFT (larger kernels) built with the lowering
+    switch ``slimfx.lowering.fast_conv.<flag>`` off and on (``PACK_U``: ``U`` as
+    ``(alpha^2, Cin, Cout)``, the GEMM reading strided column blocks, vs packed in column
+    panels), timed in the same interleaved rounds."""
     from slimfx.lowering import fast_conv as lf
 
     rows = []
