@@ -13,6 +13,7 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py --ab ROW_TRANSFORMS --chain 4 --quick --models resnet18
     python bench/fast_conv.py --chain 4 --fit   # refit select-conv-algo's cost model as MODEL
                                                 # was; whole models timed with both constants
+    python bench/fast_conv.py --chain 4 --warm --fit   # the same for MODEL_WARM (cold=false)
     python bench/fast_conv.py --warm       # layers timed warm (default: cold, as in a model)
     python bench/fast_conv.py --layers 256x14x3 --models '' --inside resnet18,resnet50 --size 224
     python bench/fast_conv.py --layers 64x56x3 --layouts  # Winograd blocked vs NCHW
@@ -198,8 +199,9 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
         p = fc.ConvParams(cin, cin, k, (k // 2, k // 2), tuple(x.shape), tuple(x.shape))
         if measured is not None:
             measured.append((p, ms))
-        model_pick = fc.choose({a: fc.estimate_ms(a, p) for a in _algos(k)},
-                               fc.SelectOptions().margin)  # as select-conv-algo{by=model}
+        model_pick = fc.choose({a: fc.estimate_ms(a, p, model=fc.MODEL if cold else fc.MODEL_WARM)
+                                for a in _algos(k)},
+                               fc.SelectOptions().margin)  # as select-conv-algo{by=model,cold=...}
         cells = []
         for a in ("winograd2", "winograd4", "fft"):
             cells += ([f"{ms[a]:.3f}", f"{ms['direct'] / ms[a]:.2f}x"] if a in ms else ["-", "-"])
@@ -215,7 +217,7 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
     return rows
 
 
-def fit_model(measured: list) -> tuple[dict, list[list]]:
+def fit_model(measured: list, warm: bool = False) -> tuple[dict, list[list]]:
     """Refit the cost model of ``select-conv-algo{by=model}`` (``fast_conv.MODEL``) to the
     measured layers: least squares on log(estimated / measured ms) over every (layer,
     algorithm), Nelder-Mead on the log of each constant (scipy, a bench extra).  Returns
@@ -232,7 +234,7 @@ def fit_model(measured: list) -> tuple[dict, list[list]]:
     from scipy.optimize import minimize
 
     keys = [*fc.MODEL, "frame_ns_per_kib"]
-    old = dict(fc.MODEL)
+    old = dict(fc.MODEL_WARM if warm else fc.MODEL)
     t = host_target()
 
     def estimate(consts: dict, a: str, p) -> float:
@@ -360,14 +362,20 @@ def bench_layouts(names, size: int, rounds: int, runs: int) -> list[list]:
     return rows
 
 
-def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None = None) -> list[list]:
-    """Each model direct, with ``select-conv-algo{by=measure}`` and ``{by=model}``, and with
-    ``fitted`` constants (``--fit``) as a fourth build, all timed in the same rounds."""
+def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None = None,
+                 cold: bool = True) -> list[list]:
+    """Each model direct, with ``select-conv-algo{by=measure}`` and ``{by=model}``; not
+    ``cold`` (``--warm``), also ``{by=model,cold=false}`` (:data:`MODEL_WARM`); and with
+    ``fitted`` constants (``--fit``) in place of the last one's, all timed in the same rounds."""
     rows = []
+    by_model = "select-conv-algo{by=model}" if cold else "select-conv-algo{by=model,cold=false}"
     labels = [("direct", None), ("measure", "select-conv-algo{by=measure}"),
               ("model", "select-conv-algo{by=model}")]
+    if not cold:
+        labels.append(("warm", by_model))
     if fitted:
-        labels.append(("fitted", "select-conv-algo{by=model}"))
+        labels.append(("fitted", by_model))
+    constants = "MODEL" if cold else "MODEL_WARM"
     for name in names:
         torch.manual_seed(0)
         model = zoo.get(name).eval()
@@ -377,7 +385,7 @@ def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None =
         for label, pipe in labels:
             t0 = time.perf_counter()
             pm = slimfx.PassManager(pipe) if pipe else None
-            with switched(fc, "MODEL", fitted if label == "fitted" else fc.MODEL):
+            with switched(fc, constants, fitted if label == "fitted" else getattr(fc, constants)):
                 g = pm.run(graph) if pm else graph
             if pm:
                 picks = [c["choice"] for c in pm.records[0].stats["choices"].values()]
@@ -389,8 +397,9 @@ def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None =
                      f"{ms['measure']:.2f}", f"{ms['direct'] / ms['measure']:.2f}x",
                      chosen["measure"], f"{chosen['measure_s']:.0f}",
                      f"{ms['model']:.2f}", f"{ms['direct'] / ms['model']:.2f}x", chosen["model"]]
-                    + ([f"{ms['fitted']:.2f}", f"{ms['direct'] / ms['fitted']:.2f}x", chosen["fitted"]]
-                       if fitted else []))
+                    + [cell for extra in ("warm", "fitted") if extra in ms
+                       for cell in (f"{ms[extra]:.2f}", f"{ms['direct'] / ms[extra]:.2f}x",
+                                    chosen[extra])])
         print(f"... {name}: " + ", ".join(f"{a} {v:.2f}" for a, v in ms.items()), flush=True)
     return rows
 
@@ -451,9 +460,9 @@ def main() -> None:
     measured: list = []
     layer_rows = bench_layers(grid, args.rounds, args.runs, measured, cold=not args.warm,
                               chain=args.chain)
-    fit = fit_model(measured) if args.fit else None
+    fit = fit_model(measured, warm=args.warm) if args.fit else None
     model_rows = bench_models(names, args.size, args.rounds, args.runs,
-                              fitted={**fc.MODEL, **fit[0]} if fit else None)
+                              fitted={**fc.MODEL, **fit[0]} if fit else None, cold=not args.warm)
     layout_rows = bench_layouts(names, args.size, args.rounds, args.runs) if args.layouts else []
     inside = [m for m in args.inside.split(",") if m]
     inside_rows = bench_inside(inside, args.size, args.runs) if inside else []
@@ -479,17 +488,18 @@ def main() -> None:
     print("weights MB: per call, each algorithm's (direct/F(2,3)/F(4,3)/FFT, or direct/FFT); "
           "GB/s: those bytes / its median time")
     if fit:
-        print(f"\ncost model refitted to these layers: MODEL = {fit[0]}")
+        print(f"\ncost model refitted to these layers: {'MODEL_WARM' if args.warm else 'MODEL'} = {fit[0]}")
         print(format_table(["C", "HxW", "kernel", "fastest", "old model picks", "fitted picks"],
                            fit[1], right={0, 1}))
     if model_rows:
         print("\nwhole model (fold-bn,dce first), compiled latency in ms; select-conv-algo "
-              "by=measure and by=model" + (" (MODEL, then the fitted constants)" if fit else "")
-              + " vs direct")
+              "by=measure and by=model" + (", by=model with cold=false" if args.warm else "")
+              + (", the same with the fitted constants" if fit else "") + " vs direct")
+        extra = (["warm", "ratio", "choices"] if args.warm else []) + \
+            (["fitted", "ratio", "choices"] if fit else [])
         print(format_table(["model", "input", "direct", "measure", "ratio", "choices",
-                            "select s", "model", "ratio", "choices"]
-                           + (["fitted", "ratio", "choices"] if fit else []), model_rows,
-                           right={2, 3, 4, 6, 7, 8, 10, 11}))
+                            "select s", "model", "ratio", "choices", *extra], model_rows,
+                           right={2, 3, 4, 6, 7, 8, 10, 11, 13, 14}))
     if inside_rows:
         print(f"\ninside the model (1x3x{args.size}x{args.size}; every stride-1 3x3 layer direct, "
               f"F(2,3) or F(4,3)), ms per call from a per-kernel profile of {args.runs} runs; "

@@ -536,6 +536,17 @@ ALGOS = ("winograd2", "winograd4", "fft")
 MODEL = {"direct_eff": 0.8, "gemm_eff": 0.919, "transform_eff": 1.0, "dft_eff": 0.149,
          "bytes_per_ns": 15.7, "kernel_overhead_ms": 0.0204, "direct_overlap": 0.522}
 
+#: The same constants fitted to layers timed warm, run after run with their weights in
+#: cache (``bench/fast_conv.py --chain 4 --warm --fit``), for ``cold=false``: a model that
+#: fits the last-level cache and runs repeatedly.  There F(2,3) wins on 256 and 512
+#: channels at 7x7 (1.43x, 1.54x warm; 0.94x, 0.91x flushed) and F(4,3) on 256 at 14x14;
+#: the efficiencies and overhead of that fit sit at their bounds (1.0, 0.1 us per kernel).
+#: Whole models run after run on a host with a large L3 (``--warm --models ...``): ResNet-18
+#: (46 MB of weights) 1.26x faster than direct at 112 and 1.51x at 224 with these, 1.17x and
+#: 1.48x with :data:`MODEL`; ResNet-50 (100 MB) 1.13x against 1.17x, its weights not cached.
+MODEL_WARM = {"direct_eff": 0.832, "gemm_eff": 1.0, "transform_eff": 1.0, "dft_eff": 0.146,
+              "bytes_per_ns": 27.6, "kernel_overhead_ms": 0.0001, "direct_overlap": 0.83}
+
 
 def choose(times: dict[str, float], margin: float) -> str:
     """``select-conv-algo``'s decision from each algorithm's time (measured or estimated):
@@ -633,6 +644,8 @@ class SelectOptions:
         faster than direct warm (``bench/fast_conv.py --warm``), 1.00x cold (the default)
         and 1.03x inside ResNet-50 at 224 (``bench/fast_conv.py --inside resnet50 --size
         224``), while F(2,3) measured 1.53x warm, 1.15x cold and 1.37x in the model.
+        With ``by=model``: the constants fitted cold (:data:`MODEL`) or warm
+        (:data:`MODEL_WARM`, for a model that stays in the last-level cache between runs).
     """
 
     by: Literal["measure", "model"] = "measure"
@@ -768,7 +781,8 @@ class SelectConvAlgo(Pass):
                                       cold=opts.cold and info.kind == "llvm")
             else:
                 times = {a: estimate_ms(a, p, vector_bits=info.vector_bits, cores=info.num_cores,
-                                        blocked=info.kind == "llvm")
+                                        blocked=info.kind == "llvm",
+                                        model=MODEL if opts.cold else MODEL_WARM)
                          for a in ["direct", *cands]}
             chosen = choose(times, opts.margin)
             choices[name] = {"choice": chosen, "ms": {a: round(t, 4) for a, t in times.items()},

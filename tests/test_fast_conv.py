@@ -442,3 +442,23 @@ def test_winograd_reads_and_writes_the_blocked_layout(tile, monkeypatch):
         ref = model(x)
     assert _rel(outs[True], ref) <= tol
     torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+
+
+def test_select_by_model_cold_false_uses_the_warm_constants():
+    """cold=false: the constants fitted with weights in cache, where F(2,3) wins on 256
+    channels at 7x7 (weights from memory, it loses and the layer stays direct)."""
+    model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 256, 7, 7)
+    picks = {}
+    for cold in (True, False):
+        pm = slimfx.PassManager(f"select-conv-algo{{by=model,cold={str(cold).lower()}}}")
+        pm.run(model, x)
+        picks[cold] = pm.records[0].stats["choices"]["0"]
+    assert picks[True]["choice"] == "direct" and picks[False]["choice"] == "winograd2"
+    from slimfx.lowering import host_target
+
+    t = host_target()
+    p = fc.ConvParams(256, 256, 3, (1, 1), (1, 256, 7, 7), (1, 256, 7, 7))
+    warm = fc.estimate_ms("winograd2", p, vector_bits=t.vector_bits, cores=t.num_cores,
+                          model=fc.MODEL_WARM)
+    assert picks[False]["ms"]["winograd2"] == round(warm, 4)
