@@ -26,6 +26,15 @@ def _check(model, x, **kw):
     return cm
 
 
+def _returns(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.name`` so that every value it returns is also appended to the list
+    returned here (the calls themselves unchanged)."""
+    seen: list = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    return seen
+
+
 CONVS = {
     # name: (cin, cout, kernel, stride, padding, dilation, groups, size)
     "stem3": (3, 16, 7, 2, 3, 1, 1, 20),
@@ -164,10 +173,7 @@ def test_prefetch_in_compiled_models(monkeypatch):
     """Prefetching builds (every conv and Winograd GEMM qualifying) match PyTorch."""
     monkeypatch.setattr(cs, "PREFETCH_MIN_BYTES", 0)
     monkeypatch.setattr(cs, "SERIAL_BELOW", 0)
-    applied = []
-    real = cs.prefetch_next_task
-    monkeypatch.setattr(cs, "prefetch_next_task",
-                        lambda *a, **k: applied.append(real(*a, **k)) or applied[-1])
+    applied = _returns(monkeypatch, cs, "prefetch_next_task")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
@@ -191,9 +197,7 @@ def test_convs_with_small_weights_split_rows_across_cores(cin, size, stride, ban
     layers around it then read and write the same rows on the same core); others keep
     splitting output channels.  Both match PyTorch."""
     monkeypatch.setattr(cs, "SERIAL_BELOW", 0)
-    chosen = []
-    real = cs._row_parts
-    monkeypatch.setattr(cs, "_row_parts", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    chosen = _returns(monkeypatch, cs, "_row_parts")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1), nn.ReLU(),
                           nn.Conv2d(cin, cin, 3, 1, 1), nn.ReLU())
@@ -655,9 +659,7 @@ def test_conv_register_tile_short_rows(ow, occ, strided, tile, monkeypatch):
 def test_short_row_tiles_compile_and_match(monkeypatch):
     """3x3 convolutions with 5 and 3 channel chunks on 4- and 7-wide maps take
     multi-vector tiles (stride 1) and match PyTorch; the strided one keeps the row."""
-    tiles = []
-    real = cs._conv_tile
-    monkeypatch.setattr(cs, "_conv_tile", lambda *a: tiles.append(real(*a)) or tiles[-1])
+    tiles = _returns(monkeypatch, cs, "_conv_tile")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(48, 80, 3, stride=2, padding=1), nn.ReLU(),
@@ -670,9 +672,7 @@ def test_short_row_tiles_compile_and_match(monkeypatch):
 def test_odd_chunk_pointwise_tiles_compile_and_match(monkeypatch):
     """80 -> 80 and 80 -> 112 1x1 convolutions (5 and 7 chunks) on an 8-wide map take
     multi-chunk tiles and match PyTorch."""
-    tiles = []
-    real = cs._conv_tile
-    monkeypatch.setattr(cs, "_conv_tile", lambda *a: tiles.append(real(*a)) or tiles[-1])
+    tiles = _returns(monkeypatch, cs, "_conv_tile")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(80, 80, 1), nn.ReLU(), nn.Conv2d(80, 112, 1))
     _check(model, torch.randn(1, 80, 8, 8))
@@ -984,9 +984,7 @@ def _workspace_kernels(model, x, pipeline: str, monkeypatch) -> dict[str, int]:
 
     from tvm import relax
 
-    built = []
-    real = relax.build
-    monkeypatch.setattr(relax, "build", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    built = _returns(monkeypatch, relax, "build")
     slimfx.compile(model, x, pipeline=pipeline, verbose=False)
     mod = built[-1].mod
     ll = "".join(m.inspect_source("ll") for m in [mod, *mod.imports] if m.kind == "llvm")
