@@ -462,7 +462,7 @@ def main() -> None:
                               chain=args.chain)
     fit = fit_model(measured, warm=args.warm) if args.fit else None
     model_rows = bench_models(names, args.size, args.rounds, args.runs,
-                              fitted={**fc.MODEL, **fit[0]} if fit else None, cold=not args.warm)
+                              fitted=fit[0] if fit else None, cold=not args.warm)
     layout_rows = bench_layouts(names, args.size, args.rounds, args.runs) if args.layouts else []
     inside = [m for m in args.inside.split(",") if m]
     inside_rows = bench_inside(inside, args.size, args.runs) if inside else []
