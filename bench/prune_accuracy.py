@@ -8,14 +8,17 @@ number of SGD steps on the same batch sequence):
 
 * slimfx, gradual global pruning with per-layer score normalisation (the seed thesis's
   method): ``gradual_prune(graph, macs=..., steps=N, criterion="l1", normalize="mean",
-  strategy="global")`` with the budget split over the N rounds; and the same without the
-  normalisation (``normalize="none"``: raw scores ranked across layers);
+  strategy="global")`` with the budget split over the N rounds, each group's normalisation
+  denominator measured before the first round (``norm_scale="first"``, the default); the
+  same with the denominators re-measured every round on the surviving channels
+  (``norm_scale="each"``); and the same without the normalisation (``normalize="none"``:
+  raw scores ranked across layers);
 * slimfx, one-shot ``prune-channels`` with ``normalize=mean`` / ``none`` and
   ``strategy=uniform`` (what the normalisation and the gradual schedule buy);
 * Torch-Pruning (``torch-pruning``), ``MetaPruner`` with ``MagnitudeImportance(p=1)`` and
   ``global_pruning=True``, in the same N rounds with fine-tuning between; each round's
   ``pruning_ratio`` is searched (dry runs) so that the MACs follow slimfx's schedule and
-  end on slimfx's gradual result; and once more one-shot, its ratio searched for the most
+  end on each slimfx gradual arm's MACs (one run per distinct MAC count); and once more one-shot, its ratio searched for the most
   MACs within the same budget as slimfx's one-shot arms (keep x the baseline's MACs), so
   that each slimfx method meets Torch-Pruning with the same schedule at (nearly) equal
   MACs: with channels kept in multiples of 8 or 16, neither can hit every MAC count.
@@ -295,7 +298,10 @@ def slimfx_gradual(base: slimfx.Graph, keep: float, args, data, *, bn: str,
     budget = split_budget(args.finetune_steps, args.steps, args.final_share)
     pre: list[float] = []
     criterion = criterion or args.criterion
-    method = method or f"slimfx gradual global norm={normalize}, {BN_LABEL[bn]}"
+    scale = prune_kw.get("norm_scale", "first")
+    method = method or (f"slimfx gradual global norm={normalize}"
+                        + (", re-measured each round" if normalize != "none" and scale == "each" else "")
+                        + f", {BN_LABEL[bn]}")
 
     def evaluate(g):
         return accuracy(graph_forward(g), x_te, y_te)
@@ -582,17 +588,27 @@ def run_seed(args) -> tuple[float, list[Result], str, torch.Tensor]:
         log(f"seed {args.seed}: target {label} fewer MACs (keep {keep:.3f})")
         arms = [slimfx_gradual(base, keep, args, data, bn="train"),
                 slimfx_gradual(base, keep, args, data, bn="fixed"),
-                slimfx_gradual(base, keep, args, data, bn="train", normalize="none")]
+                slimfx_gradual(base, keep, args, data, bn="train", normalize="none"),
+                slimfx_gradual(base, keep, args, data, bn="train", norm_scale="each")]
         for normalize, strategy in (("mean", "global"), ("none", "global"), ("mean", "uniform")):
             arms.append(slimfx_oneshot(base, keep, args, data, normalize=normalize,
                                        strategy=strategy))
-        arms.append(torch_pruning_arm(model, arms[0].graph.macs(), args, data, example))
+        # Torch-Pruning in the same rounds, ending at each gradual arm's MACs (the arms
+        # with BN train-mode FT; the BN-fixed arm meets the first's); one run per MAC count
+        tp_runs: dict[int, Result] = {}
+        for gi, what in ((0, "norm=mean"), (2, "norm=none"), (3, "norm=mean each round")):
+            macs = arms[gi].graph.macs()
+            if macs not in tp_runs:
+                tp_runs[macs] = torch_pruning_arm(model, macs, args, data, example)
+            tp = copy.copy(tp_runs[macs])
+            tp.method += f", at gradual {what}'s MACs"
+            arms.append(tp)
         # one-shot against one-shot, with the same MAC budget (the most MACs each method's
         # channel quanta allow within keep x the baseline's; both land within a few percent)
         arms.append(torch_pruning_arm(model, keep * base.macs(), args, data, example, steps=1,
                                       at_most=True))
-        keys = ("sx-grad-train", "sx-grad-fixed", "sx-grad-none", "sx-1-mean", "sx-1-none",
-                "sx-1-uniform", "tp", "tp-1")
+        keys = ("sx-grad-train", "sx-grad-fixed", "sx-grad-none", "sx-grad-each", "sx-1-mean",
+                "sx-1-none", "sx-1-uniform", "tp", "tp-none", "tp-each", "tp-1")
         for r, key in zip(arms, keys):
             r.target, r.key = label, key
         results += arms
@@ -667,7 +683,8 @@ def main() -> None:
                        rows, right={2, 3, 4, 5, 6, 7, 9, 10, 11}))
 
     # per-layer widths: what the global rankings chose
-    short = {"sx-grad-train": "slimfx", "sx-grad-none": "sx none", "tp": "TP"}
+    short = {"sx-grad-train": "slimfx", "sx-grad-each": "sx each", "sx-grad-none": "sx none",
+             "tp": "TP"}
     widths = [("base", conv_widths(baseline.graph))] + [
         (f"{r.target} {short[r.key]}", conv_widths(r.graph)) for r in results if r.key in short]
     print(f"\noutput channels per layer, seed {seeds[0]} (slimfx gradual norm=mean and "
@@ -684,7 +701,9 @@ def main() -> None:
         for key, what, tp_key in (
                 ("sx-grad-train", "gradual, BN train-mode FT (same as TP)", "tp"),
                 ("sx-grad-fixed", "gradual, BN stats fixed (graph as captured)", "tp"),
-                ("sx-grad-none", "gradual norm=none, BN train-mode FT", "tp"),
+                ("sx-grad-none", "gradual norm=none, BN train-mode FT", "tp-none"),
+                ("sx-grad-each", "gradual, norm re-measured each round, BN train-mode FT",
+                 "tp-each"),
                 ("sx-1-mean", "one-shot, BN train-mode FT (TP one-shot)", "tp-1")):
             tp_i = index[(label, tp_key)]
             tp_acc = mean(per_seed(tp_i, "post"))

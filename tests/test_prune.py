@@ -219,6 +219,40 @@ def test_cubic_schedule_prunes_most_in_the_first_rounds():
         gradual_prune(g, macs=0.4, steps=3, schedule="linear", progress=None)
 
 
+class HalfDead(nn.Module):
+    """Two independent conv branches; half of branch a's channels have 100x smaller weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.a2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.b1, self.b2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            self.a1.weight[8:].mul_(0.01)
+
+    def forward(self, x):
+        return self.a2(torch.relu(self.a1(x))) + self.b2(torch.relu(self.b1(x)))
+
+
+def test_gradual_keeps_each_groups_first_normalisation_scale():
+    torch.manual_seed(0)
+    g = slimfx.capture(HalfDead().eval(), torch.randn(1, 3, 8, 8))
+    one_shot, _ = _prune(g, ratio=0.5, round_to=1)
+    assert one_shot.param("a1.weight").shape[0] == 8  # a's dead half, then b's weakest
+    widths = {}
+    for scale in ("first", "each"):
+        small, hist = gradual_prune(g, ratio=0.5, steps=2, round_to=1, norm_scale=scale,
+                                    progress=None)
+        assert len(hist) == 2 and small.param("a1.weight").shape[0] + \
+            small.param("b1.weight").shape[0] == 16
+        widths[scale] = small.param("a1.weight").shape[0]
+    # Round 1 removes a's dead half.  Kept scales rank round 2 as one shot does: a's
+    # survivors stay far above b's.  Re-measured on the survivors, a's mean rises to
+    # theirs, and a loses live channels.
+    assert widths["first"] == 8 and widths["each"] < 8
+    with pytest.raises(GraphError, match="norm_scale must be 'first' or 'each', got 'last'"):
+        gradual_prune(g, ratio=0.5, steps=2, norm_scale="last", progress=None)
+
+
 def test_batchnorm_training_mode_updates_statistics_and_returns():
     torch.manual_seed(0)
     g = slimfx.capture(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(),
