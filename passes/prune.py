@@ -708,6 +708,8 @@ class ChannelPruning(Pass):
 
     Data-dependent criteria (taylor, activation, apoz) take ``data`` (an iterable of
     ``(input..., target)`` batches) and, for taylor, ``loss_fn(output, target)``.
+    ``scales`` (from :func:`norm_scales` on a wider ancestor of the graph) fixes the groups'
+    normalisation denominators, as :func:`gradual_prune` does from its second round on.
     """
 
     def __init__(self, options: PruneOptions | None = None, *, data=None, loss_fn=None,
