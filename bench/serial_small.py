@@ -18,6 +18,7 @@ as ``prune-channels`` gives them), and zoo models at small inputs.  Each build i
 against PyTorch.  Medians over rounds of each round's median, and the ratio of the medians.
 
     python bench/serial_small.py [--rounds 9] [--no-layers] [--no-models]
+                                 [--candidate BELOW,ELEMENTS]
 """
 
 from __future__ import annotations
@@ -97,7 +98,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9, help="alternating benchmark rounds")
     ap.add_argument("--no-layers", action="store_true", help="skip the single convolutions")
     ap.add_argument("--no-models", action="store_true", help="skip the whole models")
+    ap.add_argument("--candidate", default="", metavar="BELOW,ELEMENTS",
+                    help="also build the models with these thresholds (e.g. 1048576,65536) "
+                         "and compare them with the default in the same rounds")
     args = ap.parse_args()
+    candidate = tuple(int(v) for v in args.candidate.split(",")) if args.candidate else None
+    if candidate is not None and len(candidate) != 2:
+        ap.error("--candidate takes BELOW,ELEMENTS: two integers")
     med = statistics.median
     if not args.no_layers:
         torch.manual_seed(0)
@@ -116,17 +123,23 @@ def main() -> None:
                             "serial speedup"], rows, right={1, 2, 3, 4, 5}))
     if not args.no_models:
         cases = digit_models() + zoo_models()
-        times = timed(cases, (PARALLEL, DEFAULT), args.rounds)
+        variants = (PARALLEL, DEFAULT) + ((candidate,) if candidate else ())
+        times = timed(cases, variants, args.rounds)
         rows = []
         for label, _, x in cases:
             par, new = med(times[(label, PARALLEL)]), med(times[(label, DEFAULT)])
             rows.append([label, "x".join(map(str, x.shape)), f"{par:.4f}", f"{new:.4f}",
                          f"{par / new:.2f}x"])
+            if candidate:
+                cand = med(times[(label, candidate)])
+                rows[-1] += [f"{cand:.4f}", f"{new / cand:.2f}x"]
         print(f"\nwhole models, every kernel parallel vs the default (serial below "
-              f"{DEFAULT[0]:,} iterations and {DEFAULT[1]:,} elements), "
-              f"{args.rounds} alternating rounds")
-        print(format_table(["model", "input", "parallel ms", "default ms", "speedup"], rows,
-                           right={2, 3, 4}))
+              f"{DEFAULT[0]:,} iterations and {DEFAULT[1]:,} elements)"
+              + (f" vs the candidate ({candidate[0]:,} and {candidate[1]:,})" if candidate else "")
+              + f", {args.rounds} alternating rounds")
+        print(format_table(["model", "input", "parallel ms", "default ms", "speedup"]
+                           + (["candidate ms", "default / candidate"] if candidate else []),
+                           rows, right={2, 3, 4, 5, 6}))
         digit = {lab: (med(times[(lab, PARALLEL)]), med(times[(lab, DEFAULT)]))
                  for lab, _, _ in cases[:2]}
         (bp, bd), (pp, pd) = digit.values()

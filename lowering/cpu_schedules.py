@@ -1489,7 +1489,7 @@ def kernel_kind(func) -> str:
 #: (MobileNet's 1x1 convolutions on 4x4 maps).  ``bench/serial_small.py`` measures both.
 #: ``SERIAL_BELOW = 0`` keeps every kernel parallel.
 SERIAL_BELOW = 1 << 20
-SERIAL_MAX_ELEMENTS = 1 << 14
+SERIAL_MAX_ELEMENTS = 1 << 16
 
 
 def _iterations(sch) -> int:
