@@ -113,19 +113,26 @@ def test_min_ratio_is_respected():
         assert small.info(n).shape[1] >= 8  # 25% of 32
 
 
-class Lopsided(nn.Module):
-    """Two independent conv branches; branch b's weights are 100x smaller."""
+class Branches(nn.Module):
+    """Two independent conv branches, a and b, of 16 channels each."""
 
     def __init__(self):
         super().__init__()
         self.a1, self.a2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
         self.b1, self.b2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
-        with torch.no_grad():
-            self.b1.weight.mul_(0.01)
-            self.b2.weight.mul_(0.01)
 
     def forward(self, x):
         return self.a2(torch.relu(self.a1(x))) + self.b2(torch.relu(self.b1(x)))
+
+
+class Lopsided(Branches):
+    """Branch b's weights are 100x smaller."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.b1.weight.mul_(0.01)
+            self.b2.weight.mul_(0.01)
 
 
 def test_per_layer_normalisation_prevents_wiping_out_a_layer():
@@ -219,18 +226,13 @@ def test_cubic_schedule_prunes_most_in_the_first_rounds():
         gradual_prune(g, macs=0.4, steps=3, schedule="linear", progress=None)
 
 
-class HalfDead(nn.Module):
-    """Two independent conv branches; half of branch a's channels have 100x smaller weights."""
+class HalfDead(Branches):
+    """Half of branch a's channels have 100x smaller weights."""
 
     def __init__(self):
         super().__init__()
-        self.a1, self.a2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
-        self.b1, self.b2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
         with torch.no_grad():
             self.a1.weight[8:].mul_(0.01)
-
-    def forward(self, x):
-        return self.a2(torch.relu(self.a1(x))) + self.b2(torch.relu(self.b1(x)))
 
 
 def test_gradual_keeps_each_groups_first_normalisation_scale():
