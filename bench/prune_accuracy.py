@@ -18,10 +18,10 @@ number of SGD steps on the same batch sequence):
 * Torch-Pruning (``torch-pruning``), ``MetaPruner`` with ``MagnitudeImportance(p=1)`` and
   ``global_pruning=True``, in the same N rounds with fine-tuning between; each round's
   ``pruning_ratio`` is searched (dry runs) so that the MACs follow slimfx's schedule and
-  end on each slimfx gradual arm's MACs (one run per distinct MAC count); and once more one-shot, its ratio searched for the most
-  MACs within the same budget as slimfx's one-shot arms (keep x the baseline's MACs), so
-  that each slimfx method meets Torch-Pruning with the same schedule at (nearly) equal
-  MACs: with channels kept in multiples of 8 or 16, neither can hit every MAC count.
+  end on each slimfx gradual arm's MACs (one run per distinct MAC count); and once more
+  one-shot, its ratio searched for the most MACs within the same budget as slimfx's
+  one-shot arms (keep x the baseline's MACs), so that each slimfx method meets
+  Torch-Pruning with the same schedule at (nearly) equal MACs: with channels kept in multiples of 8 or 16, neither can hit every MAC count.
 
 slimfx prunes and fine-tunes the captured graph (``graph.gm``), whose BatchNorms are in
 inference form: fine-tuning it as is trains weights and BN affine parameters with the
@@ -687,15 +687,17 @@ def main() -> None:
              "tp": "TP"}
     widths = [("base", conv_widths(baseline.graph))] + [
         (f"{r.target} {short[r.key]}", conv_widths(r.graph)) for r in results if r.key in short]
-    print(f"\noutput channels per layer, seed {seeds[0]} (slimfx gradual norm=mean and "
-          "norm=none, BN train-mode FT, vs Torch-Pruning):")
+    print(f"\noutput channels per layer, seed {seeds[0]} (slimfx gradual norm=mean with "
+          "first-round and re-measured scales, and norm=none, BN train-mode FT, vs "
+          "Torch-Pruning at the first's MACs):")
     print(format_table(["layer"] + [w[0] for w in widths],
                        [[name] + [str(w[1].get(name, 0)) for w in widths] for name in widths[0][1]],
                        right=set(range(1, len(widths) + 1))))
 
     # goals
-    print(f"\ngoals, per slimfx global arm (gradual norm=mean with both fine-tuning variants, "
-          f"gradual norm=none, one-shot norm=mean); accuracies averaged over {len(seeds)} seeds:")
+    print(f"\ngoals, per slimfx global arm (gradual norm=mean with both fine-tuning variants "
+          f"and with re-measured scales, gradual norm=none, one-shot norm=mean); accuracies "
+          f"averaged over {len(seeds)} seeds:")
     index = {(r.target, r.key): i for i, r in enumerate(results)}
     for label in dict.fromkeys(r.target for r in results[1:]):
         for key, what, tp_key in (
