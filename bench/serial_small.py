@@ -7,7 +7,8 @@ convolutions have 16-64 channels on 4x4-28x28 maps) spent most of their time the
 A kernel's schedule drops its ``parallel`` loops when it has fewer than
 ``cpu_schedules.SERIAL_BELOW`` loop iterations (its largest block's: one per multiply-add
 of a convolution) and fewer than ``SERIAL_MAX_ELEMENTS`` elements in the buffers it reads
-and writes.
+and writes, or fewer than ``SERIAL_REUSED_ELEMENTS`` where it does ``SERIAL_MIN_REUSE`` or
+more iterations per element of its largest buffer.
 
 Part 1 builds single 3x3 convolutions (with bias and ReLU) of growing size twice, all
 parallel (``SERIAL_BELOW=0``) and all serial (both thresholds huge), and times the two
@@ -18,7 +19,7 @@ as ``prune-channels`` gives them), and zoo models at small inputs.  Each build i
 against PyTorch.  Medians over rounds of each round's median, and the ratio of the medians.
 
     python bench/serial_small.py [--rounds 9] [--no-layers] [--no-models]
-                                 [--candidate BELOW,ELEMENTS]
+                                 [--candidate BELOW,ELEMENTS] [--zoo NAME:SIZE,...]
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ from slimfx.passes.prune import ChannelPruning, PruneOptions  # noqa: E402
 #: (channels in = out, feature map side) of the single 3x3 convolutions
 LAYERS = [(16, 4), (16, 7), (32, 4), (16, 14), (32, 7), (64, 4), (32, 14), (64, 7),
           (16, 28), (128, 4), (64, 14), (128, 7), (32, 28), (64, 28)]
-#: (SERIAL_BELOW, SERIAL_MAX_ELEMENTS) of each variant built
-PARALLEL, SERIAL = (0, 0), (1 << 62, 1 << 62)
-DEFAULT = (cpu_schedules.SERIAL_BELOW, cpu_schedules.SERIAL_MAX_ELEMENTS)
+#: (SERIAL_BELOW, SERIAL_MAX_ELEMENTS, SERIAL_REUSED_ELEMENTS) of each variant built
+PARALLEL, SERIAL = (0, 0, 0), (1 << 62, 1 << 62, 1 << 62)
+DEFAULT = (cpu_schedules.SERIAL_BELOW, cpu_schedules.SERIAL_MAX_ELEMENTS,
+           cpu_schedules.SERIAL_REUSED_ELEMENTS)
 
 
 def conv_layer(c: int) -> nn.Module:
@@ -65,16 +67,22 @@ def digit_models():
     return [("digit resnet", graph, x), ("digit resnet pruned 2x", pruned, x)]
 
 
-def zoo_models():
+ZOO_MODELS = "small_resnet:32,mobilenet_v2:64,resnet18:64"
+
+
+def zoo_models(spec: str = ZOO_MODELS):
+    """Zoo models at their input sizes, ``NAME:SIZE`` comma-separated."""
     torch.manual_seed(0)
+    pairs = [(name, int(size)) for name, size in (item.split(":") for item in spec.split(","))]
     return [(f"zoo {name} {size}x{size}", zoo.get(name).eval(), torch.randn(1, 3, size, size))
-            for name, size in (("small_resnet", 32), ("mobilenet_v2", 64), ("resnet18", 64))]
+            for name, size in pairs]
 
 
-def build(model, x, variant: tuple[int, int]):
-    below, elements = variant
+def build(model, x, variant: tuple[int, int, int]):
+    below, elements, reused = variant
     with switched(cpu_schedules, "SERIAL_BELOW", below), \
-            switched(cpu_schedules, "SERIAL_MAX_ELEMENTS", elements):
+            switched(cpu_schedules, "SERIAL_MAX_ELEMENTS", elements), \
+            switched(cpu_schedules, "SERIAL_REUSED_ELEMENTS", reused):
         cm = slimfx.compile(model, x, pipeline="fold-bn,dce", verbose=False)
     ref = (model.gm if isinstance(model, slimfx.Graph) else model)(x)
     if isinstance(ref, (tuple, list)):  # a captured graph returns a tuple of outputs
@@ -98,13 +106,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9, help="alternating benchmark rounds")
     ap.add_argument("--no-layers", action="store_true", help="skip the single convolutions")
     ap.add_argument("--no-models", action="store_true", help="skip the whole models")
-    ap.add_argument("--candidate", default="", metavar="BELOW,ELEMENTS",
-                    help="also build the models with these thresholds (e.g. 1048576,65536) "
-                         "and compare them with the default in the same rounds")
+    ap.add_argument("--zoo", default=ZOO_MODELS, metavar="NAME:SIZE,...",
+                    help="zoo models timed whole, with their input sizes")
+    ap.add_argument("--candidate", default="", metavar="BELOW,ELEMENTS[,REUSED]",
+                    help="also build the models with these thresholds (SERIAL_BELOW, "
+                         "SERIAL_MAX_ELEMENTS and SERIAL_REUSED_ELEMENTS, the last the "
+                         "default's if not given; e.g. 1048576,16384,0) and compare them with "
+                         "the default in the same rounds")
     args = ap.parse_args()
     candidate = tuple(int(v) for v in args.candidate.split(",")) if args.candidate else None
-    if candidate is not None and len(candidate) != 2:
-        ap.error("--candidate takes BELOW,ELEMENTS: two integers")
+    if candidate is not None and len(candidate) not in (2, 3):
+        ap.error("--candidate takes BELOW,ELEMENTS[,REUSED]: two or three integers")
+    if candidate is not None and len(candidate) == 2:
+        candidate += (DEFAULT[2],)
     med = statistics.median
     if not args.no_layers:
         torch.manual_seed(0)
@@ -122,7 +136,7 @@ def main() -> None:
         print(format_table(["layer", "iterations", "elements", "parallel us", "serial us",
                             "serial speedup"], rows, right={1, 2, 3, 4, 5}))
     if not args.no_models:
-        cases = digit_models() + zoo_models()
+        cases = digit_models() + zoo_models(args.zoo)
         variants = (PARALLEL, DEFAULT) + ((candidate,) if candidate else ())
         times = timed(cases, variants, args.rounds)
         rows = []
@@ -134,8 +148,11 @@ def main() -> None:
                 cand = med(times[(label, candidate)])
                 rows[-1] += [f"{cand:.4f}", f"{new / cand:.2f}x"]
         print(f"\nwhole models, every kernel parallel vs the default (serial below "
-              f"{DEFAULT[0]:,} iterations and {DEFAULT[1]:,} elements)"
-              + (f" vs the candidate ({candidate[0]:,} and {candidate[1]:,})" if candidate else "")
+              f"{DEFAULT[0]:,} iterations and {DEFAULT[1]:,} elements, or {DEFAULT[2]:,} "
+              f"elements at {cpu_schedules.SERIAL_MIN_REUSE} iterations per element of the "
+              "largest buffer)"
+              + (f" vs the candidate ({candidate[0]:,}, {candidate[1]:,}, {candidate[2]:,})"
+                 if candidate else "")
               + f", {args.rounds} alternating rounds")
         print(format_table(["model", "input", "parallel ms", "default ms", "speedup"]
                            + (["candidate ms", "default / candidate"] if candidate else []),

@@ -54,7 +54,8 @@ __all__ = [
     "ANCHOR_SCHEDULES", "LEGALIZATIONS", "POST_LAYOUT_PASSES", "CONV_BLOCK", "DWCONV_BLOCK",
     "PrepareOptions", "channel_block", "prepare", "schedule",
     "schedule_primfunc", "hand_schedule", "kernel_kind", "kernel_kinds", "lower_passes",
-    "SERIAL_BELOW", "SERIAL_MAX_ELEMENTS", "serial_kernels",
+    "SERIAL_BELOW", "SERIAL_MAX_ELEMENTS", "SERIAL_REUSED_ELEMENTS", "SERIAL_MIN_REUSE",
+    "serial_kernels",
 ]
 
 #: Block names of slimfx's blocked convolution computes (the anchors the schedules find).
@@ -1488,8 +1489,17 @@ def kernel_kind(func) -> str:
 #: than fits one core's cache gains from the second core even when its arithmetic is small
 #: (MobileNet's 1x1 convolutions on 4x4 maps).  ``bench/serial_small.py`` measures both.
 #: ``SERIAL_BELOW = 0`` keeps every kernel parallel.
+#:
+#: A kernel with up to :data:`SERIAL_REUSED_ELEMENTS` elements also runs on one thread when
+#: it does at least :data:`SERIAL_MIN_REUSE` iterations per element of its largest buffer:
+#: a convolution that uses each weight at 8 or more pixels computes more than it streams.
+#: ``bench/serial_small.py`` (single 3x3 convolutions): 64 channels at 4x4, 39K elements,
+#: 16 iterations per weight, ran 1.30x faster serial.  1x1 convolutions on 2x2 and 1x1 maps
+#: (MobileNetV2 at 32x32: 4 and 1 iterations per weight) ran slower serial.
 SERIAL_BELOW = 1 << 20
-SERIAL_MAX_ELEMENTS = 1 << 16
+SERIAL_MAX_ELEMENTS = 1 << 14
+SERIAL_REUSED_ELEMENTS = 1 << 16
+SERIAL_MIN_REUSE = 8
 
 
 def _iterations(sch) -> int:
@@ -1514,8 +1524,8 @@ def _without_parallel(func, sch):
     return serial
 
 
-def _elements(sch) -> int:
-    """Elements of the buffers ``sch``'s blocks read or write (symbolic shapes count as
+def _buffer_sizes(sch) -> list[int]:
+    """Elements of each buffer ``sch``'s blocks read or write (a symbolic shape counts as
     huge)."""
     seen: dict[str, int] = {}
     for b in _blocks(sch):
@@ -1524,16 +1534,29 @@ def _elements(sch) -> int:
             try:
                 seen[region.source.name] = math.prod(_ints(region.source.shape))
             except (TypeError, ValueError):
-                return 1 << 40
-    return sum(seen.values())
+                return [1 << 40]
+    return list(seen.values())
+
+
+def _runs_serial(sch) -> bool:
+    """Whether a scheduled kernel is small enough to run on one thread (see
+    :data:`SERIAL_BELOW`, :data:`SERIAL_REUSED_ELEMENTS`)."""
+    if not SERIAL_BELOW:
+        return False
+    iterations = _iterations(sch)
+    if iterations >= SERIAL_BELOW:
+        return False
+    sizes = _buffer_sizes(sch)
+    elements = sum(sizes)
+    return elements < SERIAL_MAX_ELEMENTS or (
+        elements < SERIAL_REUSED_ELEMENTS and iterations >= SERIAL_MIN_REUSE * max(sizes))
 
 
 def _hand_schedule(func, info: TargetInfo):
     """(schedule, kind, serial): ``serial`` when the kernel is small enough to run on one
     thread (see :data:`SERIAL_BELOW`)."""
     sch, kind = _hand_schedule_parallel(func, info)
-    if SERIAL_BELOW and _iterations(sch) < SERIAL_BELOW \
-            and _elements(sch) < SERIAL_MAX_ELEMENTS:
+    if _runs_serial(sch):
         try:
             return _without_parallel(func, sch), kind, True
         except Exception:  # noqa: BLE001, S110  (keep the parallel schedule)

@@ -212,8 +212,9 @@ def test_convs_with_small_weights_split_rows_across_cores(cin, size, stride, ban
 
 
 def test_small_kernels_run_on_one_thread(monkeypatch):
-    """Kernels under SERIAL_BELOW iterations and SERIAL_MAX_ELEMENTS elements lose their
-    parallel loops (the pool's hand-off cost as much as the work); larger ones keep them."""
+    """Kernels under SERIAL_BELOW iterations and SERIAL_MAX_ELEMENTS elements (or
+    SERIAL_REUSED_ELEMENTS, reusing their data) lose their parallel loops (the pool's
+    hand-off cost as much as the work); larger ones keep them."""
     from tvm import te
 
     def matmul(rows, k, cols):
@@ -232,6 +233,14 @@ def test_small_kernels_run_on_one_thread(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(cs, "SERIAL_BELOW", 0)
     assert "T.parallel" in cs.hand_schedule(small, info).mod.script()
+    monkeypatch.undo()
+    # over SERIAL_MAX_ELEMENTS: serial only where each element of the largest buffer (the
+    # weight) feeds SERIAL_MIN_REUSE or more iterations
+    reused, streamed = matmul(16, 128, 128), matmul(2, 128, 256)  # 16 and 2 rows per weight
+    assert "T.parallel" not in cs.hand_schedule(reused, info).mod.script()
+    assert "T.parallel" in cs.hand_schedule(streamed, info).mod.script()
+    monkeypatch.setattr(cs, "SERIAL_REUSED_ELEMENTS", 0)
+    assert "T.parallel" in cs.hand_schedule(reused, info).mod.script()
     monkeypatch.undo()
 
     # a whole model: its small kernels serial, counted in the manifest, results unchanged
