@@ -265,9 +265,9 @@ def _norm_scale(scores: np.ndarray, how: str) -> float | None:
                   "l2": np.sqrt(np.sum(scores ** 2))}[how])
 
 
-def _normalize(scores: np.ndarray, how: str, scale: float | None = None) -> np.ndarray:
-    """``scores`` normalised per ``how``; ``scale`` replaces the denominator measured on
-    ``scores`` (a scale kept from an earlier, wider graph: see :func:`norm_scales`)."""
+def _normalize(scores: np.ndarray, how: str, scale: float | None) -> np.ndarray:
+    """``scores`` normalised per ``how``: ranked, or divided by ``scale`` (their own
+    :func:`_norm_scale`, or one kept from an earlier, wider graph: see :func:`norm_scales`)."""
     if how == "none" or len(scores) == 0:
         return scores
     if how == "rank":
@@ -275,8 +275,7 @@ def _normalize(scores: np.ndarray, how: str, scale: float | None = None) -> np.n
         ranks = np.empty(len(scores))
         ranks[order] = np.arange(len(scores))
         return ranks / max(len(scores) - 1, 1)
-    denom = _norm_scale(scores, how) if scale is None else scale
-    return scores / denom if denom > 0 else scores
+    return scores / scale if scale > 0 else scores
 
 
 @dataclass
@@ -290,7 +289,8 @@ class _Plan:
     # most important first.  Removing them all would leave an empty tensor (a split part,
     # a concat input), so the first one is kept.
     guards: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
-    raw: np.ndarray | None = None  # the criterion's scores, groups one after another
+    # per group source: the normalisation denominator its scores were divided by
+    scales: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)
 
 
 def _source_layer(by_name: dict[str, Node], group) -> str:
@@ -315,11 +315,17 @@ def _plan(ca: ChannelAnalysis, opts: PruneOptions, data=None, loss_fn=None,
     all_roots = [r for g in groups for r in g.sets]
     raw = score_sets(ca, all_roots, opts.criterion, seed=opts.seed, data=data, loss_fn=loss_fn)
     order, norms, units, mins = [], [], [], []
+    used: dict[tuple[str, int], float] = {}
     k = 0
     for g in groups:
         s = raw[k:k + len(g.sets)]
         k += len(g.sets)
-        ns = _normalize(s, opts.normalize, (scales or {}).get(g.source))
+        scale = (scales or {}).get(g.source)
+        if scale is None:
+            scale = _norm_scale(s, opts.normalize)
+        if scale is not None:
+            used[g.source] = scale
+        ns = _normalize(s, opts.normalize, scale)
         norms.append(ns)
         order.append(np.argsort(s, kind="stable"))
         e = max(g.elements_per_set, 1)
@@ -331,7 +337,7 @@ def _plan(ca: ChannelAnalysis, opts: PruneOptions, data=None, loss_fn=None,
         rs = set(ca._roots[d.base:d.base + d.size].tolist())
         if rs <= score.keys():
             guards.add(tuple(sorted(rs, key=lambda r: (-score[r], r))))
-    return _Plan(groups, order, norms, units, mins, sorted(guards), raw)
+    return _Plan(groups, order, norms, units, mins, sorted(guards), used)
 
 
 def _constrain(plan: _Plan, gi: int, remove: int) -> int:
@@ -443,14 +449,7 @@ def norm_scales(ca: ChannelAnalysis, opts: PruneOptions, *, data=None,
     re-measuring them on their surviving channels (see :func:`gradual_prune`'s
     ``norm_scale``).
     """
-    plan = _plan(ca, opts, data, loss_fn)
-    out, k = {}, 0
-    for g in plan.groups:
-        scale = _norm_scale(plan.raw[k:k + len(g.sets)], opts.normalize)
-        k += len(g.sets)
-        if scale is not None:
-            out[g.source] = scale
-    return out
+    return _plan(ca, opts, data, loss_fn).scales
 
 
 def select_channels(ca: ChannelAnalysis, opts: PruneOptions, *, data=None, loss_fn=None,
