@@ -414,7 +414,7 @@ def main() -> None:
     ap.add_argument("--ab", metavar="SWITCH",
                     help="only time the grid's layers with F(2,3)/F(4,3) (3x3) or FFT, and --models with "
                          "select-conv-algo{by=model}, built with slimfx.lowering.fast_conv.SWITCH "
-                         "off and on (PACK_U, ROW_TRANSFORMS, PAD_INLINE, BLOCKED)")
+                         "off and on (PACK_U, ROW_TRANSFORMS, STACK_ACCUMULATORS, PAD_INLINE, BLOCKED)")
     ap.add_argument("--packing", action="store_true", help="the same as --ab PACK_U")
     ap.add_argument("--models", default="resnet18,vgg11", help="zoo models ('' for none)")
     ap.add_argument("--size", type=int, default=112, help="model input height/width")
