@@ -18,6 +18,7 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py --layers 256x14x3 --models '' --inside resnet18,resnet50 --size 224
     python bench/fast_conv.py --layers 64x56x3 --layouts  # Winograd blocked vs NCHW
     python bench/fast_conv.py --chain 4 --models ''      # each layer inside a chain of 4
+    python bench/fast_conv.py --chain 4 --half   # also Winograd with float16 U, and its error
 
 The header also prints the streaming floor: the F(4,3) GEMM kernel at one row reading a
 256-channel ``U`` (9.4 MB) and a 56.6 MB buffer (an FFT spectrum's size), and per layer the
@@ -57,11 +58,22 @@ GRID = [
 QUICK = [(64, 56, 3), (128, 28, 3), (256, 14, 3), (64, 28, 7), (64, 28, 11)]
 
 
-ALGO_NAMES = {"direct": "direct", "winograd2": "F(2,3)", "winograd4": "F(4,3)", "fft": "FFT"}
+ALGO_NAMES = {"direct": "direct", "winograd2": "F(2,3)", "winograd4": "F(4,3)", "fft": "FFT",
+              "winograd2h": "F(2,3) f16 U", "winograd4h": "F(4,3) f16 U"}
 
 
-def _algos(kernel: int) -> list[str]:
-    return ["direct", "winograd2", "winograd4", "fft"] if kernel == 3 else ["direct", "fft"]
+def _algos(kernel: int, half: bool = False) -> list[str]:
+    """The algorithms timed on a layer; ``half``: also Winograd with float16 ``U``
+    (``winograd2h``, ``winograd4h``: ``winograd{u_dtype=float16}``)."""
+    if kernel != 3:
+        return ["direct", "fft"]
+    return ["direct", "winograd2", "winograd4", "fft"] + (["winograd2h", "winograd4h"] if half else [])
+
+
+def _pipeline(algo: str) -> str | None:
+    if algo.endswith("h"):
+        return fc._pipeline_of(algo[:-1], "float16")
+    return fc._pipeline_of(algo)
 
 
 def _time_rounds(models: dict, x, rounds: int, runs: int, cold: bool = False) -> dict[str, float]:
@@ -177,8 +189,10 @@ def bench_switch_models(names, size: int, flag: str, rounds: int, runs: int) -> 
 
 
 def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
-                 cold: bool = True, chain: int = 1) -> list[list]:
-    """One row per layer; ``measured`` (if given) collects ``(ConvParams, {algo: ms})``.
+                 cold: bool = True, chain: int = 1, half: bool = False) -> list[list]:
+    """One row per layer; ``measured`` (if given) collects ``(ConvParams, {algo: ms})``
+    (float32 algorithms only).  ``half``: also Winograd with float16 ``U``, its compiled
+    output's error against direct's (relative to direct's largest magnitude) in the row.
     ``cold``: caches flushed before each run, as ``select-conv-algo{by=measure}`` times.
     ``chain`` > 1: each layer timed as one of ``chain`` layers of its shape in sequence (with
     ReLU, their own weights; the chain's latency / ``chain``), as inside a model: its input
@@ -191,11 +205,12 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
         conv = _layer(cin, k, chain)
         x = torch.randn(1, cin, size, size)
         built, errs = {}, {}
-        for a in _algos(k):
-            cm = slimfx.compile(conv, x, pipeline=fc._pipeline_of(a),
+        for a in _algos(k, half):
+            cm = slimfx.compile(conv, x, pipeline=_pipeline(a),
                                 atol=fc.WINOGRAD_TOLERANCE[4], verbose=False)
             built[a], errs[a] = cm, cm.parity["max_abs_error"]
         ms = {a: t / chain for a, t in _time_rounds(built, x, rounds, runs, cold).items()}
+        half_ms = {a: ms.pop(a) for a in list(ms) if a.endswith("h")}
         p = fc.ConvParams(cin, cin, k, (k // 2, k // 2), tuple(x.shape), tuple(x.shape))
         if measured is not None:
             measured.append((p, ms))
@@ -209,11 +224,20 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
         worst_err = max(v for a, v in errs.items() if a != "direct")
         # the bandwidth each algorithm would need to read its weights in its own time
         gbps = "/".join(f"{weight_mb(a, cin, size, k) / ms[a]:.0f}" for a in ms)
+        if half:
+            y = torch.randn_like(x).numpy()
+            want = built["direct"](y)
+            for a in ("winograd2h", "winograd4h"):
+                if a in half_ms:
+                    cells += [f"{half_ms[a]:.3f}", f"{ms['direct'] / half_ms[a]:.2f}x",
+                              f"{abs(built[a](y) - want).max() / abs(want).max():.1e}"]
+                else:
+                    cells += ["-", "-", "-"]
         rows.append([f"{cin}", f"{size}", f"{k}x{k}", f"{ms['direct']:.3f}", *cells, best,
                      model_pick, f"{worst_err:.1e}",
                      "/".join(f"{weight_mb(a, cin, size, k):.1f}" for a in ms), gbps])
-        print(f"... {cin}ch {size}x{size} k{k}: " + ", ".join(f"{a} {v:.3f}" for a, v in ms.items()),
-              flush=True)
+        print(f"... {cin}ch {size}x{size} k{k}: " + ", ".join(
+            f"{a} {v:.3f}" for a, v in {**ms, **half_ms}.items()), flush=True)
     return rows
 
 
@@ -363,10 +387,12 @@ def bench_layouts(names, size: int, rounds: int, runs: int) -> list[list]:
 
 
 def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None = None,
-                 cold: bool = True) -> list[list]:
+                 cold: bool = True, half: bool = False) -> list[list]:
     """Each model direct, with ``select-conv-algo{by=measure}`` and ``{by=model}``; not
-    ``cold`` (``--warm``), also ``{by=model,cold=false}`` (:data:`MODEL_WARM`); and with
-    ``fitted`` constants (``--fit``) in place of the last one's, all timed in the same rounds."""
+    ``cold`` (``--warm``), also ``{by=model,cold=false}`` (:data:`MODEL_WARM`); with
+    ``fitted`` constants (``--fit``) in place of the last one's; ``half``: also
+    ``{by=model,u_dtype=float16}`` (its output's error against direct's in the row); all
+    timed in the same rounds."""
     rows = []
     by_model = "select-conv-algo{by=model}" if cold else "select-conv-algo{by=model,cold=false}"
     labels = [("direct", None), ("measure", "select-conv-algo{by=measure}"),
@@ -375,6 +401,8 @@ def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None =
         labels.append(("warm", by_model))
     if fitted:
         labels.append(("fitted", by_model))
+    if half:
+        labels.append(("f16 U", by_model[:-1] + ",u_dtype=float16}"))
     constants = "MODEL" if cold else "MODEL_WARM"
     for name in names:
         torch.manual_seed(0)
@@ -397,9 +425,13 @@ def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None =
                      f"{ms['measure']:.2f}", f"{ms['direct'] / ms['measure']:.2f}x",
                      chosen["measure"], f"{chosen['measure_s']:.0f}",
                      f"{ms['model']:.2f}", f"{ms['direct'] / ms['model']:.2f}x", chosen["model"]]
-                    + [cell for extra in ("warm", "fitted") if extra in ms
+                    + [cell for extra in ("warm", "fitted", "f16 U") if extra in ms
                        for cell in (f"{ms[extra]:.2f}", f"{ms['direct'] / ms[extra]:.2f}x",
                                     chosen[extra])])
+        if half:
+            y = torch.randn_like(x).numpy()
+            want = built["direct"](y)
+            rows[-1].append(f"{abs(built['f16 U'](y) - want).max() / abs(want).max():.1e}")
         print(f"... {name}: " + ", ".join(f"{a} {v:.2f}" for a, v in ms.items()), flush=True)
     return rows
 
@@ -431,6 +463,9 @@ def main() -> None:
                          "chain's latency / N): its input from the layer before, as in a model")
     ap.add_argument("--fit", action="store_true",
                     help="refit select-conv-algo's cost model (fast_conv.MODEL) to the layers")
+    ap.add_argument("--half", action="store_true",
+                    help="also Winograd with float16 U (winograd{u_dtype=float16}) per layer, and "
+                         "select-conv-algo{by=model,u_dtype=float16} per model, with their errors")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     t = host_target()
@@ -459,10 +494,10 @@ def main() -> None:
         return
     measured: list = []
     layer_rows = bench_layers(grid, args.rounds, args.runs, measured, cold=not args.warm,
-                              chain=args.chain)
+                              chain=args.chain, half=args.half)
     fit = fit_model(measured, warm=args.warm) if args.fit else None
     model_rows = bench_models(names, args.size, args.rounds, args.runs,
-                              fitted=fit[0] if fit else None, cold=not args.warm)
+                              fitted=fit[0] if fit else None, cold=not args.warm, half=args.half)
     layout_rows = bench_layouts(names, args.size, args.rounds, args.runs) if args.layouts else []
     inside = [m for m in args.inside.split(",") if m]
     inside_rows = bench_inside(inside, args.size, args.runs) if inside else []
@@ -481,12 +516,17 @@ def main() -> None:
           "F(4,3) layer of 256 channels")
     print(f"the same kernel streaming 56.6 MB (the size of a 256-channel N=14 FFT spectrum, 58.7 "
           f"MB): {b_ms:.3f} ms = {b_gbps:.1f} GB/s")
+    half_cols = ["F(2,3)h", "ratio", "err", "F(4,3)h", "ratio", "err"] if args.half else []
     print(format_table(["C", "HxW", "kernel", "direct", "F(2,3)", "ratio", "F(4,3)", "ratio",
-                        "FFT", "ratio", "fastest", "model picks", "parity err", "weights MB",
-                        "GB/s"],
-                       layer_rows, right=set(range(0, 10)) | {13, 14}))
+                        "FFT", "ratio", *half_cols, "fastest", "model picks", "parity err",
+                        "weights MB", "GB/s"],
+                       layer_rows, right=set(range(0, 10 + len(half_cols)))
+                       | {13 + len(half_cols), 14 + len(half_cols)}))
     print("weights MB: per call, each algorithm's (direct/F(2,3)/F(4,3)/FFT, or direct/FFT); "
-          "GB/s: those bytes / its median time")
+          "GB/s: those bytes / its median time"
+          + ("; F(m,3)h: Winograd with float16 U (half its weight bytes), err: its compiled "
+             "output's max error against direct's, relative to direct's largest magnitude"
+             if args.half else ""))
     if fit:
         print(f"\ncost model refitted to these layers: {'MODEL_WARM' if args.warm else 'MODEL'} = {fit[0]}")
         print(format_table(["C", "HxW", "kernel", "fastest", "old model picks", "fitted picks"],
@@ -496,10 +536,11 @@ def main() -> None:
               "by=measure and by=model" + (", by=model with cold=false" if args.warm else "")
               + (", the same with the fitted constants" if fit else "") + " vs direct")
         extra = (["warm", "ratio", "choices"] if args.warm else []) + \
-            (["fitted", "ratio", "choices"] if fit else [])
+            (["fitted", "ratio", "choices"] if fit else []) + \
+            (["f16 U", "ratio", "choices", "f16 err"] if args.half else [])
         print(format_table(["model", "input", "direct", "measure", "ratio", "choices",
                             "select s", "model", "ratio", "choices", *extra], model_rows,
-                           right={2, 3, 4, 6, 7, 8, 10, 11, 13, 14}))
+                           right={2, 3, 4, 6, 7, 8, 10, 11, 13, 14, 16, 17}))
     if inside_rows:
         print(f"\ninside the model (1x3x{args.size}x{args.size}; every stride-1 3x3 layer direct, "
               f"F(2,3) or F(4,3)), ms per call from a per-kernel profile of {args.runs} runs; "

@@ -199,7 +199,8 @@ def _batch_gemm_te(v, u, name: str = GEMM_BLOCK):
     """``out[e] = v[e] @ u[e]``; an operand with batch 1 is shared by every ``e``.
 
     ``u`` is ``(batch, K, cols)``, or column-panel packed ``(batch, cols / nb, K, nb)``: each
-    panel of ``nb`` output columns contiguous, so the GEMM streams it once, in order.
+    panel of ``nb`` output columns contiguous, so the GEMM streams it once, in order.  A
+    ``u`` narrower than ``v`` (float16) is converted to ``v``'s dtype as it is loaded.
     """
     from tvm import te
 
@@ -216,6 +217,11 @@ def _batch_gemm_te(v, u, name: str = GEMM_BLOCK):
 
         def ue(e, kk, j):
             return u[e if bu > 1 else 0, kk, j]
+    if u.dtype != v.dtype:  # float16 U (``winograd{u_dtype=float16}``): widened as it is read
+        narrow = ue
+
+        def ue(e, kk, j):
+            return narrow(e, kk, j).astype(v.dtype)
     return te.compute(
         (max(bv, bu), rows, cols),
         lambda e, i, j: te.sum(v[e if bv > 1 else 0, i, rk] * ue(e, rk, j), axis=rk),

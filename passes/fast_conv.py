@@ -140,14 +140,42 @@ def winograd_matrices(tile: int, kernel: int = 3, dtype=torch.float64):
     return t(at), t(g), t(bt)
 
 
-def winograd_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
+def winograd_filter(weight: torch.Tensor, tile: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``U = G g G^T`` of a ``(Cout, Cin, 3, 3)`` weight, as ``(alpha, alpha, Cout, Cin)``.
 
-    Computed in float64 and rounded once to the weight's dtype.
+    Computed in float64 and rounded once to ``dtype`` (default: the weight's dtype).
     """
     _, g, _ = winograd_matrices(tile, weight.shape[-1])
     u = torch.einsum("ai,ocij,bj->aboc", g, weight.double(), g)
-    return u.to(weight.dtype).contiguous()
+    return u.to(dtype or weight.dtype).contiguous()
+
+
+#: ``u_dtype=float16`` keeps a layer's ``U`` in float32 when rounding it to float16 costs
+#: more than this, relative to its largest magnitude (a normal float16 rounds within
+#: 2^-11; more means values out of float16's range: overflow, or a layer whose weights are
+#: all so small that they fall to float16's subnormals).
+HALF_U_MAX_ERROR = 2.0 ** -10
+
+U_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def half_u_problem(weight: torch.Tensor, tile: int) -> str | None:
+    """Why ``weight``'s F(tile,3) transformed filter cannot be stored in float16, or ``None``.
+
+    >>> half_u_problem(torch.randn(8, 8, 3, 3) * 0.1, 4) is None
+    True
+    >>> half_u_problem(torch.full((8, 8, 3, 3), 1e5), 4)
+    'float16 U out of range: max |U| 9e+05 (float16 holds up to 65504)'
+    """
+    u = winograd_filter(weight, tile, torch.float64)
+    top = u.abs().max().item()
+    if top > torch.finfo(torch.float16).max:
+        return f"float16 U out of range: max |U| {top:.3g} (float16 holds up to 65504)"
+    err = (u.half().double() - u).abs().max().item() / max(top, 1e-300)
+    if err > HALF_U_MAX_ERROR:
+        return (f"float16 U loses precision: rounding error {err:.2g} of max |U| {top:.3g} "
+                f"(> {HALF_U_MAX_ERROR:.2g}; weights too small for float16)")
+    return None
 
 
 def fft_spectrum(weight: torch.Tensor, size: int) -> torch.Tensor:
@@ -220,6 +248,7 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     ``u`` is the transformed filter ``(alpha, alpha, Cout, Cin)`` (:func:`winograd_filter`).
     """
     at, _, bt = (m.to(x.dtype) for m in winograd_matrices(tile, u.shape[0] - tile + 1))
+    u = u.to(x.dtype)  # stored in float16 with u_dtype=float16: computed in x's dtype
     alpha, m = u.shape[0], tile
     n = x.shape[0]
     d, (ho, wo), (th, tw) = _input_tiles(x, padding, alpha - m + 1, m, alpha)  # alpha x alpha
@@ -362,18 +391,19 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
 
 
 def _substitute(graph: Graph, node: torch.fx.Node, algo: str, p: ConvParams, x_in=None,
-                tile: int | None = None) -> dict:
-    """Replace conv ``node`` by ``algo`` ("winograd2", "winograd4", "fft"); returns its record."""
+                tile: int | None = None, u_dtype: str = "float32") -> dict:
+    """Replace conv ``node`` by ``algo`` ("winograd2", "winograd4", "fft"); returns its
+    record.  ``u_dtype``: the dtype Winograd's ``U`` is stored in."""
     w_node, b_node = node.args[1], node.args[2]
     w = graph.param(w_node)
     path = _layer_name(node)
     if algo.startswith("winograd"):
         t = int(algo[-1])
-        value = winograd_filter(w, t)
+        value = winograd_filter(w, t, U_DTYPES[u_dtype] if u_dtype != "float32" else None)
         new_w = graph.add_param(f"{path}.winograd_u", value, before=node)
         target = torch.ops.slimfx.winograd_conv2d.default
         args = (node.args[0], new_w, b_node, list(p.padding), t)
-        record = {"algo": f"winograd F({t},3)"}
+        record = {"algo": f"winograd F({t},3)", "u_dtype": str(value.dtype).removeprefix("torch.")}
     elif algo == "fft":
         t = tile or fft_tile(p.kernel, p.out_shape[2], p.out_shape[3], p.cin, p.cout)
         size = t + p.kernel - 1
@@ -390,6 +420,7 @@ def _substitute(graph: Graph, node: torch.fx.Node, algo: str, p: ConvParams, x_i
     node.replace_all_uses_with(new)
     graph.fx.erase_node(node)
     record["params"] = [w.numel(), value.numel()]
+    record["bytes"] = [w.numel() * w.element_size(), value.numel() * value.element_size()]
     if x_in is not None:
         with torch.no_grad():
             b = graph.param(b_node) if b_node is not None else None
@@ -423,14 +454,14 @@ def _check_exclude(graph: Graph, exclude) -> None:
 
 def _substitute_all(graph: Graph, exclude, reject, algo: str, **kw) -> PassResult:
     """Replace every eligible convolution by ``algo``: those ``conv_params`` accepts, that
-    ``reject(params)`` does not refuse (it returns the reason) and that are not excluded;
+    ``reject(params, weight)`` does not refuse (it returns the reason) and that are not excluded;
     the others are listed with their reason."""
     _check_exclude(graph, exclude)
     eligible, skipped = [], {}
     for node in _convs(graph):
         p, why = conv_params(graph, node)
         if p is not None:
-            why = reject(p)
+            why = reject(p, graph.param(node.args[1]))
             p = p if why is None else None
         if _layer_name(node) in exclude:
             p, why = None, "excluded"
@@ -453,10 +484,18 @@ class WinogradOptions:
     ----------
     tile: output tile ``m`` of F(m x m, 3 x 3): 2 or 4.
     exclude: module paths of convolutions to keep direct.
+    u_dtype: the dtype the transformed filter ``U`` is stored (and read) in: ``float32``,
+        or ``float16``, half the bytes, which is what a batch-1 layer with many channels
+        and few tiles waits for (its ``U`` serves each tile once); the arithmetic stays
+        float32.  Lossy: the pass is then not verified at the tile's tolerance but reports
+        its error (about 1e-3 of the output's magnitude, see the module's table).  A layer
+        whose ``U`` does not fit float16 (:func:`half_u_problem`) stays direct, with the
+        reason in ``skipped``.
     """
 
     tile: Literal[2, 4] = 4
     exclude: tuple[str, ...] = ()
+    u_dtype: Literal["float32", "float16"] = "float32"
 
 
 @register_pass("winograd")
@@ -466,15 +505,25 @@ class WinogradPass(Pass):
     Options = WinogradOptions
     lossless = True
 
+    def __init__(self, options: WinogradOptions | None = None, **kw):
+        super().__init__(options, **kw)
+        # float16 U rounds the weights: lossy, its error recorded, not verified
+        self.lossless = self.options.u_dtype == "float32"
+
     @property
     def atol(self) -> float:  # the manager checks this pass at its tile's tolerance
         return WINOGRAD_TOLERANCE[self.options.tile]
 
     def run(self, graph: Graph) -> PassResult:
-        def reject(p):
-            return f"kernel {p.kernel}x{p.kernel} (Winograd F(m,3) needs 3x3)" if p.kernel != 3 else None
+        tile, u_dtype = self.options.tile, self.options.u_dtype
 
-        return _substitute_all(graph, self.options.exclude, reject, f"winograd{self.options.tile}")
+        def reject(p, weight):
+            if p.kernel != 3:
+                return f"kernel {p.kernel}x{p.kernel} (Winograd F(m,3) needs 3x3)"
+            return half_u_problem(weight, tile) if u_dtype == "float16" else None
+
+        return _substitute_all(graph, self.options.exclude, reject, f"winograd{tile}",
+                               u_dtype=u_dtype)
 
 
 # --------------------------------------------------------------------------- fft
@@ -510,7 +559,7 @@ class FFTConvPass(Pass):
     def run(self, graph: Graph) -> PassResult:
         k = self.options.min_kernel
 
-        def reject(p):
+        def reject(p, weight):
             return f"kernel {p.kernel} < min_kernel {k}" if p.kernel < k else None
 
         return _substitute_all(graph, self.options.exclude, reject, "fft",
@@ -562,7 +611,8 @@ def choose(times: dict[str, float], margin: float) -> str:
 
 
 def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int = 2,
-                ghz: float = 2.5, blocked: bool = True, model: dict | None = None) -> float:
+                ghz: float = 2.5, blocked: bool = True, model: dict | None = None,
+                u_bytes: int = 4) -> float:
     """Estimated latency (ms) of one convolution with ``algo`` ("direct", "winograd2",
     "winograd4", "fft") on a CPU with ``vector_bits``-wide FMA vectors and ``cores``.
 
@@ -578,6 +628,7 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     converting its input and output to and from NCHW (two more kernels); Winograd's
     transforms read and write the blocked layout themselves.
     ``model`` replaces :data:`MODEL`'s constants (``bench/fast_conv.py --fit`` tries some).
+    ``u_bytes``: bytes per element of Winograd's ``U`` (2 with ``u_dtype=float16``).
 
     >>> p = ConvParams(64, 64, 3, (1, 1), (1, 64, 56, 56), (1, 64, 56, 56))
     >>> estimate_ms("winograd4", p) < estimate_ms("direct", p)
@@ -600,7 +651,7 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
         bins, per_tile_in, per_tile_out = alpha * alpha, 2 * alpha ** 3, m * alpha * alpha + m * m * alpha
         tiles = n * -(-ho // m) * -(-wo // m)
         gemm = 2 * tiles * bins * ci * co
-        weights = 4 * bins * ci * co  # the transformed filter, read once per call
+        weights = u_bytes * bins * ci * co  # the transformed filter, read once per call
     elif algo == "fft":
         t = fft_tile(k, ho, wo, ci, co)
         size = t + k - 1
@@ -646,6 +697,9 @@ class SelectOptions:
         224``), while F(2,3) measured 1.53x warm, 1.15x cold and 1.37x in the model.
         With ``by=model``: the constants fitted cold (:data:`MODEL`) or warm
         (:data:`MODEL_WARM`, for a model that stays in the last-level cache between runs).
+    u_dtype: the dtype of the Winograd candidates' ``U`` (``winograd``'s option of that
+        name): ``float16`` halves the bytes they stream, measured or modelled so, and makes
+        the pass lossy (its error reported, not verified).
     """
 
     by: Literal["measure", "model"] = "measure"
@@ -655,6 +709,7 @@ class SelectOptions:
     repeat: int = 10
     exclude: tuple[str, ...] = ()
     cold: bool = True
+    u_dtype: Literal["float32", "float16"] = "float32"
 
     def __post_init__(self):
         bad = [a for a in self.algos if a not in ALGOS]
@@ -677,16 +732,16 @@ def _applicable(algo: str, p: ConvParams) -> bool:
 _MEASURED: dict[tuple, float] = {}
 
 
-def _pipeline_of(algo: str) -> str | None:
+def _pipeline_of(algo: str, u_dtype: str = "float32") -> str | None:
     if algo == "direct":
         return None
     if algo.startswith("winograd"):
-        return f"winograd{{tile={algo[-1]}}}"
+        return f"winograd{{tile={algo[-1]},u_dtype={u_dtype}}}"
     return "fft-conv{min_kernel=2}"
 
 
 def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
-                  rounds: int = 3, cold: bool = False) -> dict[str, float]:
+                  rounds: int = 3, cold: bool = False, u_dtype: str = "float32") -> dict[str, float]:
     """Median compiled latency (ms) of one convolution of shape ``p`` with each algorithm,
     in context: between two 1x1 convolutions, as a layer sits between others in a model.
 
@@ -699,11 +754,12 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
     ResNet-18 layers that made the whole model slower (0.93x, ``bench/fast_conv.py``,
     before Winograd read the blocked layout).  The times
     include the frame's two 1x1 convolutions, the same for every candidate.  ``cold``: the
-    caches flushed before each run (``CompiledModel.benchmark(cold=True)``).
+    caches flushed before each run (``CompiledModel.benchmark(cold=True)``).  ``u_dtype``:
+    Winograd's ``U`` in that dtype.
     """
     import slimfx
 
-    key = (target, cold, p.cin, p.cout, p.kernel, p.padding, p.in_shape)
+    key = (target, cold, u_dtype, p.cin, p.cout, p.kernel, p.padding, p.in_shape)
     todo = [a for a in algos if (*key, a) not in _MEASURED]
     if todo:
         gen = torch.Generator().manual_seed(0)
@@ -713,7 +769,7 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
         frame = torch.nn.Sequential(torch.nn.Conv2d(p.cin, p.cin, 1), conv,
                                     torch.nn.Conv2d(p.cout, p.cout, 1)).eval()
         x = torch.randn(p.in_shape, generator=gen)
-        built = {a: slimfx.compile(frame, x, target=target, pipeline=_pipeline_of(a),
+        built = {a: slimfx.compile(frame, x, target=target, pipeline=_pipeline_of(a, u_dtype),
                                    verbose=False) for a in todo}
         for a, ms in _alternate(built, [x.numpy()], repeat, rounds, cold).items():
             _MEASURED[(*key, a)] = ms
@@ -750,6 +806,12 @@ class SelectConvAlgo(Pass):
     Options = SelectOptions
     lossless = True
 
+    def __init__(self, options: SelectOptions | None = None, **kw):
+        super().__init__(options, **kw)
+        # float16 U for the Winograd candidates: lossy, its error recorded, not verified
+        self.lossless = (self.options.u_dtype == "float32"
+                         or not any(a.startswith("winograd") for a in self.options.algos))
+
     @property
     def atol(self) -> float:  # the loosest tolerance among the algorithms it may apply
         tols = [WINOGRAD_TOLERANCE[int(a[-1])] if a.startswith("winograd") else FFT_TOLERANCE
@@ -773,16 +835,22 @@ class SelectConvAlgo(Pass):
             if name in opts.exclude:
                 p, why = None, "excluded"
             cands = [a for a in opts.algos if p is not None and _applicable(a, p)]
+            if opts.u_dtype == "float16":  # a U out of float16's range: that tile stays out
+                half = {a: half_u_problem(graph.param(node.args[1]), int(a[-1]))
+                        for a in cands if a.startswith("winograd")}
+                cands = [a for a in cands if not half.get(a)]
+                why = next((r for r in half.values() if r), why)
             if p is None or not cands:
                 skipped[name] = why or "no applicable algorithm"
                 continue
             if opts.by == "measure":
                 times = measure_layer(p, ["direct", *cands], opts.target, opts.repeat,
-                                      cold=opts.cold and info.kind == "llvm")
+                                      cold=opts.cold and info.kind == "llvm", u_dtype=opts.u_dtype)
             else:
                 times = {a: estimate_ms(a, p, vector_bits=info.vector_bits, cores=info.num_cores,
                                         blocked=info.kind == "llvm",
-                                        model=MODEL if opts.cold else MODEL_WARM)
+                                        model=MODEL if opts.cold else MODEL_WARM,
+                                        u_bytes=U_DTYPES[opts.u_dtype].itemsize)
                          for a in ["direct", *cands]}
             chosen = choose(times, opts.margin)
             choices[name] = {"choice": chosen, "ms": {a: round(t, 4) for a, t in times.items()},
@@ -793,7 +861,8 @@ class SelectConvAlgo(Pass):
         inputs = _conv_inputs(graph, [n for n, _, _ in planned]) if planned else {}
         records = {}
         for node, p, algo in planned:
-            records[_layer_name(node)] = _substitute(graph, node, algo, p, inputs[node.name])
+            records[_layer_name(node)] = _substitute(graph, node, algo, p, inputs[node.name],
+                                                     u_dtype=opts.u_dtype)
         result = _finish(graph, records, skipped)
         if before is not None:
             # Layers are timed in a frame, not in their model (residual adds and ReLUs fuse
