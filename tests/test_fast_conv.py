@@ -462,3 +462,79 @@ def test_select_by_model_cold_false_uses_the_warm_constants():
     warm = fc.estimate_ms("winograd2", p, vector_bits=t.vector_bits, cores=t.num_cores,
                           model=fc.MODEL_WARM)
     assert picks[False]["ms"]["winograd2"] == round(warm, 4)
+
+
+# --------------------------------------------------------------------------- float16 U
+@pytest.mark.parametrize("tile", [2, 4])
+def test_half_u_op_error_is_within_its_bound_and_above_float32s(tile):
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 16, 16)
+    w = _conv_weight(64, 64, 3)
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    u16 = fc.winograd_filter(w, tile, torch.float16)
+    assert u16.dtype == torch.float16 and u16.shape == (tile + 2, tile + 2, 64, 64)
+    half = _rel(fc.winograd_conv2d(x, u16, None, [1, 1], tile), exact)
+    single = _rel(fc.winograd_conv2d(x, fc.winograd_filter(w, tile), None, [1, 1], tile), exact)
+    assert 10 * single < half <= fc.HALF_U_ERROR[tile]
+
+
+def test_half_u_pass_is_lossy_stores_half_the_bytes_and_skips_out_of_range_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[4].weight.mul_(1e-7)  # its U would fall to float16's subnormals
+    x = torch.randn(1, 8, 12, 12)
+    g = slimfx.capture(model, x)
+    pm = slimfx.PassManager("winograd{tile=4,u_dtype=float16}")
+    g2 = pm.run(g)
+    rec = pm.records[0]
+    assert rec.status == "ok" and not rec.lossless and rec.rel_error > 0  # recorded
+    assert sorted(rec.stats["layers"]) == ["0", "2"]
+    assert rec.stats["skipped"]["4"].startswith("float16 U loses precision")
+    params = dict(g2.gm.named_parameters())
+    for name, layer in rec.stats["layers"].items():
+        assert layer["u_dtype"] == "float16" and params[f"{name}.winograd_u"].dtype == torch.float16
+        assert layer["bytes"][1] == 2 * layer["params"][1]  # 2 bytes per element of U
+        assert fc.WINOGRAD_TOLERANCE[4] < layer["rel_error"] <= fc.HALF_U_ERROR[4]
+    assert _ops(g2).count(WINOGRAD) == 2 and "4.weight" in params  # the tiny layer kept
+    y = torch.randn_like(x)
+    assert _rel(g2(y), model(y)) <= 2 * fc.HALF_U_ERROR[4]
+    assert fc.half_u_problem(torch.full((4, 4, 3, 3), 1e5), 2).startswith("float16 U out of range")
+    with pytest.raises(PipelineError, match="option 'u_dtype'"):
+        slimfx.run_pipeline(g, "winograd{u_dtype=int8}")
+    # float32 U (the default) stays lossless, verified at the tile's tolerance
+    pm32 = slimfx.PassManager("winograd{tile=4}")
+    pm32.run(g)
+    assert pm32.records[0].lossless and pm32.records[0].stats["layers"]["0"]["u_dtype"] == "float32"
+
+
+def test_compiled_half_u_reads_float16_and_matches_its_graph():
+    torch.manual_seed(6)
+    conv = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1)).eval()
+    x = torch.randn(1, 16, 10, 10)
+    graph = slimfx.run_pipeline(conv, "winograd{tile=4,u_dtype=float16}", x)
+    cm = slimfx.compile(graph, atol=fc.WINOGRAD_TOLERANCE[4])  # vs the graph: float32 rounding
+    assert cm.manifest["build"]["kernels"].get("winograd_gemm") == 2  # the hand schedule
+    y = torch.randn_like(x)
+    with torch.no_grad():
+        assert _rel(cm(y), graph(y)) <= fc.WINOGRAD_TOLERANCE[4]
+        assert _rel(cm(y), conv(y)) <= 2 * fc.HALF_U_ERROR[4]
+
+
+def test_select_by_model_with_half_u_models_half_the_weight_bytes():
+    # 512 channels at 7x7: float32 U (16.8 MB for F(2,3)) stays direct cold; half of it wins
+    model = nn.Sequential(nn.Conv2d(512, 512, 3, padding=1)).eval()
+    x = torch.randn(1, 512, 7, 7)
+    p = fc.ConvParams(512, 512, 3, (1, 1), tuple(x.shape), tuple(x.shape))
+    assert fc.estimate_ms("winograd2", p, u_bytes=2) < fc.estimate_ms("winograd2", p)
+    picks, records = {}, {}
+    for u_dtype in ("float32", "float16"):
+        pm = slimfx.PassManager(f"select-conv-algo{{by=model,u_dtype={u_dtype}}}")
+        g = pm.run(model, x)
+        picks[u_dtype], records[u_dtype] = pm.records[0].stats["choices"]["0"], pm.records[0]
+    assert picks["float32"]["choice"] == "direct" and records["float32"].lossless
+    assert picks["float16"]["choice"] == "winograd2" and not records["float16"].lossless
+    assert dict(g.gm.named_parameters())["0.winograd_u"].dtype == torch.float16
