@@ -175,7 +175,7 @@ def half_u_problem(weight: torch.Tensor, tile: int) -> str | None:
     >>> half_u_problem(torch.randn(8, 8, 3, 3) * 0.1, 4) is None
     True
     >>> half_u_problem(torch.full((8, 8, 3, 3), 1e5), 4)
-    'float16 U out of range: max |U| 9e+05 (float16 holds up to 65504)'
+    'float16 U out of range: max |U| 3.48e+05 (float16 holds up to 65504)'
     """
     u = winograd_filter(weight, tile, torch.float64)
     top = u.abs().max().item()
