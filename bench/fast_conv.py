@@ -19,6 +19,7 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py --layers 64x56x3 --layouts  # Winograd blocked vs NCHW
     python bench/fast_conv.py --chain 4 --models ''      # each layer inside a chain of 4
     python bench/fast_conv.py --chain 4 --half   # also Winograd with float16 U, and its error
+    python bench/fast_conv.py --accuracy 0,1,2   # what float16 U costs a trained classifier
 
 The header also prints the streaming floor: the F(4,3) GEMM kernel at one row reading a
 256-channel ``U`` (9.4 MB) and a 56.6 MB buffer (an FFT spectrum's size), and per layer the
@@ -436,6 +437,45 @@ def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None =
     return rows
 
 
+ACCURACY_ARMS = {  # the trained digit classifier, batch norms folded first
+    "direct": "fold-bn,dce",
+    "F(4,3)": "fold-bn,winograd{tile=4},dce",
+    "F(2,3) f16 U": "fold-bn,winograd{tile=2,u_dtype=float16},dce",
+    "F(4,3) f16 U": "fold-bn,winograd{tile=4,u_dtype=float16},dce",
+}
+
+
+def bench_accuracy(seeds, width: int) -> list[list]:
+    """What float16 ``U`` costs a trained model: ``bench/prune_accuracy.py``'s DigitResNet
+    trained on MNIST (its defaults) for each seed, every stride-1 3x3 layer replaced by
+    Winograd; test accuracy of the compiled model (batch 1, every test image), its top-1
+    disagreements with direct, and the logits' max error against direct's (relative to
+    their largest magnitude)."""
+    import prune_accuracy as pa
+
+    rows = []
+    for seed in seeds:
+        args = pa.common_args("").parse_args(["--seed", str(seed), "--width", str(width)])
+        pa.setup(args)
+        model, (_, _, x_te, y_te), example, _, _ = pa.train_baseline(args)
+        graph = slimfx.capture(model, example)
+        logits = {}
+        for arm, pipe in ACCURACY_ARMS.items():
+            cm = slimfx.compile(slimfx.run_pipeline(graph, pipe), atol=fc.WINOGRAD_TOLERANCE[4],
+                                verbose=False)
+            logits[arm] = torch.stack([torch.as_tensor(cm(x_te[i:i + 1].numpy()))[0]
+                                       for i in range(len(x_te))])
+        ref = logits["direct"]
+        for arm, out in logits.items():
+            acc = 100.0 * (out.argmax(1) == y_te).float().mean().item()
+            flips = int((out.argmax(1) != ref.argmax(1)).sum())
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            rows.append([str(seed), arm, f"{acc:.2f}", str(flips), f"{err:.1e}" if arm != "direct" else "-"])
+        print(f"... seed {seed}: " + ", ".join(f"{r[1]} {r[2]}%" for r in rows[-len(logits):]),
+              flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds")
@@ -463,6 +503,11 @@ def main() -> None:
                          "chain's latency / N): its input from the layer before, as in a model")
     ap.add_argument("--fit", action="store_true",
                     help="refit select-conv-algo's cost model (fast_conv.MODEL) to the layers")
+    ap.add_argument("--accuracy", default="", metavar="SEEDS",
+                    help="only train bench/prune_accuracy.py's digit classifier with each seed "
+                         "(e.g. 0,1,2) and report its compiled test accuracy direct, with F(4,3), "
+                         "and with float16 U")
+    ap.add_argument("--width", type=int, default=16, help="--accuracy: the classifier's width")
     ap.add_argument("--half", action="store_true",
                     help="also Winograd with float16 U (winograd{u_dtype=float16}) per layer, and "
                          "select-conv-algo{by=model,u_dtype=float16} per model, with their errors")
@@ -475,6 +520,14 @@ def main() -> None:
         if any(len(g) != 3 for g in grid):
             ap.error(f"--layers takes CxSIZExK items, got {args.layers!r}")
     names = [m for m in args.models.split(",") if m]
+    if args.accuracy:
+        rows = bench_accuracy([int(v) for v in args.accuracy.split(",")], args.width)
+        print(f"\nDigitResNet (width {args.width}) trained on MNIST per seed, compiled for the "
+              "host, 1,000 test images at batch 1; flips: top-1 predictions that differ from "
+              "direct's; logit err: max |logits - direct's| / max |direct's|")
+        print(format_table(["seed", "convolutions", "accuracy %", "flips", "logit err"], rows,
+                           right={0, 2, 3, 4}))
+        return
     if args.packing:
         args.ab = "PACK_U"
     if args.ab:

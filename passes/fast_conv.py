@@ -510,7 +510,7 @@ class WinogradOptions:
 
 @register_pass("winograd")
 class WinogradPass(Pass):
-    """Replace 3x3 stride-1 convolutions by Winograd F(tile x tile, 3 x 3)."""
+    """Replace 3x3 stride-1 convolutions by Winograd F(tile x tile, 3 x 3); lossy with u_dtype=float16."""
 
     Options = WinogradOptions
     lossless = True
@@ -811,7 +811,7 @@ def _alternate(built: dict, inputs, repeat: int, rounds: int,
 
 @register_pass("select-conv-algo")
 class SelectConvAlgo(Pass):
-    """Choose direct, Winograd or FFT per convolution by measuring (or a cost model)."""
+    """Choose direct, Winograd or FFT per convolution by measuring (or a cost model); lossy with u_dtype=float16."""
 
     Options = SelectOptions
     lossless = True
