@@ -292,12 +292,14 @@ class CompiledModel:
             times.append((time.perf_counter() - t0) * 1e3)
         return Latency(statistics.median(times), min(times), max(times), len(times))
 
-    def profile(self, *inputs, repeat: int = 10, warmup: int = 2) -> Profile:
+    def profile(self, *inputs, repeat: int = 10, warmup: int = 2, cold: bool = False) -> Profile:
         """Time every kernel call of ``repeat`` runs; the medians per kernel, slowest first.
 
         Each call the virtual machine makes (a compiled kernel or one of its builtins) is
         timed by an instrument around it; calls with the same symbol are summed per run.
         Local devices only (the instrument is a Python callback).  Inputs default to zeros.
+        ``cold``: the caches flushed before each run, as ``benchmark(cold=True)`` does, so
+        each kernel's share of a model's time with its weights coming from memory shows.
         """
         import time
 
@@ -312,10 +314,13 @@ class CompiledModel:
                                 "model was built with exec_mode='compiled', whose calls cannot "
                                 "be instrumented (rebuild with exec_mode='bytecode', the "
                                 "default, to profile it)")
+        if cold:
+            self._check_cold(1)
         if not inputs:
             inputs = tuple(np.zeros(s.shape, dtype=s.dtype) for s in self.inputs)
         self._set_inputs(inputs)
         vm = self._vm
+        flush = np.ones(FLUSH_BYTES // 4, dtype=np.float32) if cold else None
         for _ in range(warmup):
             vm.invoke_stateful("main")
         per_run: list[dict[str, float]] = []
@@ -342,6 +347,8 @@ class CompiledModel:
         vm.set_instrument(instrument)
         try:
             for _ in range(repeat):
+                if flush is not None:
+                    flush += 1.0  # every line written: the model's data evicted
                 per_run.append({})
                 t0 = clock()
                 vm.invoke_stateful("main")

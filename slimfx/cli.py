@@ -181,8 +181,9 @@ def _cmd_run(args) -> int:
     for spec, o in zip(compiled.outputs, outs):
         print(f"{spec.name}: {o.dtype}[{','.join(map(str, o.shape))}] "
               f"mean {float(o.mean()):.4g} max |x| {float(abs(o).max()):.4g}")
-    if args.cold and not args.bench:
-        raise CliError("--cold times --bench runs with the caches flushed: add --bench")
+    if args.cold and not (args.bench or args.profile):
+        raise CliError("--cold times --bench or --profile runs with the caches flushed: "
+                       "add --bench or --profile N")
     if args.bench:
         if args.cold and remote is not None:
             raise CliError("--cold flushes this machine's caches; it cannot run with --remote")
@@ -191,7 +192,7 @@ def _cmd_run(args) -> int:
     if args.profile:
         if remote is not None:
             raise CliError("--profile times kernels on this machine; it cannot run with --remote")
-        print(compiled.profile(*inputs, repeat=args.repeat).table(top=args.profile))
+        print(compiled.profile(*inputs, repeat=args.repeat, cold=args.cold).table(top=args.profile))
     return 0
 
 
@@ -262,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact folder written by `slimfx compile`")
     p.add_argument("--bench", action="store_true", help="print latency median/min/max")
     p.add_argument("--cold", action="store_true",
-                   help="with --bench: flush the CPU caches before each run (weights from memory)")
+                   help="with --bench or --profile: flush the CPU caches before each run "
+                        "(weights from memory)")
     p.add_argument("--repeat", type=int, default=20, help="timed runs for --bench/--profile (default 20)")
     p.add_argument("--profile", type=int, metavar="N", default=0,
                    help="print the N slowest kernels (per-kernel times over --repeat runs)")

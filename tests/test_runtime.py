@@ -61,6 +61,11 @@ def test_cold_benchmark_flushes_the_caches_before_each_run(monkeypatch):
     assert cold.median_ms > 1.2 * warm.median_ms, (cold, warm)  # ~4x measured
     with pytest.raises(ValueError, match="number=1"):
         big.benchmark(repeat=2, number=3, cold=True)
+    # the per-kernel profile flushes the same way: the matmul kernel is the one that waits
+    kernel = {cold: max(big.profile(repeat=15, cold=cold).kernels, key=lambda k: k.ms)
+              for cold in (False, True)}
+    assert kernel[True].name == kernel[False].name
+    assert kernel[True].ms > 1.2 * kernel[False].ms, kernel
     monkeypatch.setattr(rm, "FLUSH_BYTES", 4 << 10)  # a flush the cache absorbs: warm again
     assert big.benchmark(repeat=15, cold=True).median_ms < cold.median_ms
 
@@ -274,8 +279,10 @@ def test_cli_compile_and_run(tmp_path, capsys):
     assert "output0: float32[1,10]" in text and "latency: median" in text and "over 3 runs" in text
     assert main(["run", str(out), "--bench", "--cold", "--repeat", "2"]) == 0
     assert "latency (cold): median" in capsys.readouterr().out
+    assert main(["run", str(out), "--profile", "2", "--cold", "--repeat", "2"]) == 0
+    assert "more kernels" in capsys.readouterr().out
     assert main(["run", str(out), "--cold"]) == 2
-    assert "--cold times --bench runs" in capsys.readouterr().err
+    assert "--cold times --bench or --profile runs" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
 
