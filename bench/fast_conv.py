@@ -20,6 +20,7 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py --chain 4 --models ''      # each layer inside a chain of 4
     python bench/fast_conv.py --chain 4 --half   # also Winograd with float16 U, and its error
     python bench/fast_conv.py --accuracy 0,1,2   # what float16 U costs a trained classifier
+    python bench/fast_conv.py --chain 4 --half --batch 4 --layers 256x7x3 --models ''
 
 The header also prints the streaming floor: the F(4,3) GEMM kernel at one row reading a
 256-channel ``U`` (9.4 MB) and a 56.6 MB buffer (an FFT spectrum's size), and per layer the
@@ -190,10 +191,12 @@ def bench_switch_models(names, size: int, flag: str, rounds: int, runs: int) -> 
 
 
 def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
-                 cold: bool = True, chain: int = 1, half: bool = False) -> list[list]:
+                 cold: bool = True, chain: int = 1, half: bool = False,
+                 batch: int = 1) -> list[list]:
     """One row per layer; ``measured`` (if given) collects ``(ConvParams, {algo: ms})``
     (float32 algorithms only).  ``half``: also Winograd with float16 ``U``, its compiled
     output's error against direct's (relative to direct's largest magnitude) in the row.
+    ``batch``: the layers' batch size (Winograd's GEMMs get ``batch`` times the rows).
     ``cold``: caches flushed before each run, as ``select-conv-algo{by=measure}`` times.
     ``chain`` > 1: each layer timed as one of ``chain`` layers of its shape in sequence (with
     ReLU, their own weights; the chain's latency / ``chain``), as inside a model: its input
@@ -204,7 +207,7 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
     for cin, size, k in grid:
         torch.manual_seed(0)
         conv = _layer(cin, k, chain)
-        x = torch.randn(1, cin, size, size)
+        x = torch.randn(batch, cin, size, size)
         built, errs = {}, {}
         for a in _algos(k, half):
             cm = slimfx.compile(conv, x, pipeline=_pipeline(a),
@@ -508,6 +511,8 @@ def main() -> None:
                          "(e.g. 0,1,2) and report its compiled test accuracy direct, with F(4,3), "
                          "and with float16 U")
     ap.add_argument("--width", type=int, default=16, help="--accuracy: the classifier's width")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="the layers' batch size (default 1; the models stay at batch 1)")
     ap.add_argument("--half", action="store_true",
                     help="also Winograd with float16 U (winograd{u_dtype=float16}) per layer, and "
                          "select-conv-algo{by=model,u_dtype=float16} per model, with their errors")
@@ -547,7 +552,7 @@ def main() -> None:
         return
     measured: list = []
     layer_rows = bench_layers(grid, args.rounds, args.runs, measured, cold=not args.warm,
-                              chain=args.chain, half=args.half)
+                              chain=args.chain, half=args.half, batch=args.batch)
     fit = fit_model(measured, warm=args.warm) if args.fit else None
     model_rows = bench_models(names, args.size, args.rounds, args.runs,
                               fitted=fit[0] if fit else None, cold=not args.warm, half=args.half)
@@ -563,7 +568,8 @@ def main() -> None:
           + ("warm (run after run)" if args.warm else
              f"cold (caches flushed: {slimfx.runtime.model.FLUSH_BYTES >> 20} MiB written before each run)")
           + (f"; each layer one of a chain of {args.chain} (the chain's latency / {args.chain})"
-             if args.chain > 1 else "; each layer compiled alone"))
+             if args.chain > 1 else "; each layer compiled alone")
+          + (f"; batch {args.batch}" if args.batch > 1 else ""))
     print(f"streaming the packed F(4,3) weights of a 256-channel layer (9.4 MB) through the GEMM "
           f"kernel at one row (no reuse): {s_ms:.3f} ms = {s_gbps:.1f} GB/s, the floor of any "
           "F(4,3) layer of 256 channels")
