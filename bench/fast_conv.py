@@ -1,7 +1,7 @@
 """Compiled latency of direct vs Winograd F(2,3) / F(4,3) vs FFT convolution, per layer,
 and whole models with ``select-conv-algo`` vs direct.
 
-Each layer (one stride-1 conv, ``padding = k // 2``, batch 1) is compiled for the host
+Each layer (one stride-1 conv, ``padding = k // 2``, batch 1 unless ``--batch``) is compiled for the host
 once per algorithm; latencies are medians over rounds that alternate the algorithms, so
 all see the same machine load; the ratio columns (direct / algorithm: > 1 is faster) are
 what to read on a shared, noisy machine.  Whole models are compiled direct and with
