@@ -498,7 +498,8 @@ class WinogradOptions:
         or ``float16``, half the bytes, which is what a batch-1 layer with many channels
         and few tiles waits for (its ``U`` serves each tile once); the arithmetic stays
         float32.  Lossy: the pass is then not verified at the tile's tolerance but reports
-        its error (about 1e-3 of the output's magnitude, see the module's table).  A layer
+        its error (per layer 4e-4 of the output's magnitude with F(2,3), 2e-3 with F(4,3):
+        the module's table).  A layer
         whose ``U`` does not fit float16 (:func:`half_u_problem`) stays direct, with the
         reason in ``skipped``.
     """
