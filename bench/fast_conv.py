@@ -61,14 +61,15 @@ QUICK = [(64, 56, 3), (128, 28, 3), (256, 14, 3), (64, 28, 7), (64, 28, 11)]
 
 
 ALGO_NAMES = {"direct": "direct", "winograd2": "F(2,3)", "winograd4": "F(4,3)", "fft": "FFT",
-              "winograd2h": "F(2,3) f16 U", "winograd4h": "F(4,3) f16 U"}
+              "winograd2h": "F(2,3) f16", "winograd4h": "F(4,3) f16", "ffth": "FFT f16"}
+HALF_ALGOS = ("winograd2h", "winograd4h", "ffth")
 
 
 def _algos(kernel: int, half: bool = False) -> list[str]:
-    """The algorithms timed on a layer; ``half``: also Winograd with float16 ``U``
-    (``winograd2h``, ``winograd4h``: ``winograd{u_dtype=float16}``)."""
+    """The algorithms timed on a layer; ``half``: also those with float16 transformed
+    weights (``winograd2h``, ``winograd4h``, ``ffth``: ``weight_dtype=float16``)."""
     if kernel != 3:
-        return ["direct", "fft"]
+        return ["direct", "fft"] + (["ffth"] if half else [])
     return ["direct", "winograd2", "winograd4", "fft"] + (["winograd2h", "winograd4h"] if half else [])
 
 
@@ -194,8 +195,9 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
                  cold: bool = True, chain: int = 1, half: bool = False,
                  batch: int = 1) -> list[list]:
     """One row per layer; ``measured`` (if given) collects ``(ConvParams, {algo: ms})``
-    (float32 algorithms only).  ``half``: also Winograd with float16 ``U``, its compiled
-    output's error against direct's (relative to direct's largest magnitude) in the row.
+    (float32 algorithms only).  ``half``: also Winograd and FFT with float16 transformed
+    weights, with their compiled output's error against direct's (relative to direct's
+    largest magnitude).
     ``batch``: the layers' batch size (Winograd's GEMMs get ``batch`` times the rows).
     ``cold``: caches flushed before each run, as ``select-conv-algo{by=measure}`` times.
     ``chain`` > 1: each layer timed as one of ``chain`` layers of its shape in sequence (with
@@ -231,7 +233,7 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
         if half:
             y = torch.randn_like(x).numpy()
             want = built["direct"](y)
-            for a in ("winograd2h", "winograd4h"):
+            for a in HALF_ALGOS:
                 if a in half_ms:
                     cells += [f"{half_ms[a]:.3f}", f"{ms['direct'] / half_ms[a]:.2f}x",
                               f"{abs(built[a](y) - want).max() / abs(want).max():.1e}"]
@@ -395,7 +397,7 @@ def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None =
     """Each model direct, with ``select-conv-algo{by=measure}`` and ``{by=model}``; not
     ``cold`` (``--warm``), also ``{by=model,cold=false}`` (:data:`MODEL_WARM`); with
     ``fitted`` constants (``--fit``) in place of the last one's; ``half``: also
-    ``{by=model,u_dtype=float16}`` (its output's error against direct's in the row); all
+    ``{by=model,weight_dtype=float16}`` (its output's error against direct's in the row); all
     timed in the same rounds."""
     rows = []
     by_model = "select-conv-algo{by=model}" if cold else "select-conv-algo{by=model,cold=false}"
@@ -406,7 +408,7 @@ def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None =
     if fitted:
         labels.append(("fitted", by_model))
     if half:
-        labels.append(("f16 U", by_model[:-1] + ",u_dtype=float16}"))
+        labels.append(("f16", by_model[:-1] + ",weight_dtype=float16}"))
     constants = "MODEL" if cold else "MODEL_WARM"
     for name in names:
         torch.manual_seed(0)
@@ -429,13 +431,13 @@ def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None =
                      f"{ms['measure']:.2f}", f"{ms['direct'] / ms['measure']:.2f}x",
                      chosen["measure"], f"{chosen['measure_s']:.0f}",
                      f"{ms['model']:.2f}", f"{ms['direct'] / ms['model']:.2f}x", chosen["model"]]
-                    + [cell for extra in ("warm", "fitted", "f16 U") if extra in ms
+                    + [cell for extra in ("warm", "fitted", "f16") if extra in ms
                        for cell in (f"{ms[extra]:.2f}", f"{ms['direct'] / ms[extra]:.2f}x",
                                     chosen[extra])])
         if half:
             y = torch.randn_like(x).numpy()
             want = built["direct"](y)
-            rows[-1].append(f"{abs(built['f16 U'](y) - want).max() / abs(want).max():.1e}")
+            rows[-1].append(f"{abs(built['f16'](y) - want).max() / abs(want).max():.1e}")
         print(f"... {name}: " + ", ".join(f"{a} {v:.2f}" for a, v in ms.items()), flush=True)
     return rows
 
@@ -443,8 +445,8 @@ def bench_models(names, size: int, rounds: int, runs: int, fitted: dict | None =
 ACCURACY_ARMS = {  # the trained digit classifier, batch norms folded first
     "direct": "fold-bn,dce",
     "F(4,3)": "fold-bn,winograd{tile=4},dce",
-    "F(2,3) f16 U": "fold-bn,winograd{tile=2,u_dtype=float16},dce",
-    "F(4,3) f16 U": "fold-bn,winograd{tile=4,u_dtype=float16},dce",
+    "F(2,3) f16 U": "fold-bn,winograd{tile=2,weight_dtype=float16},dce",
+    "F(4,3) f16 U": "fold-bn,winograd{tile=4,weight_dtype=float16},dce",
 }
 
 
@@ -514,8 +516,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1,
                     help="the layers' batch size (default 1; the models stay at batch 1)")
     ap.add_argument("--half", action="store_true",
-                    help="also Winograd with float16 U (winograd{u_dtype=float16}) per layer, and "
-                         "select-conv-algo{by=model,u_dtype=float16} per model, with their errors")
+                    help="also Winograd and FFT with float16 transformed weights (weight_dtype=float16) "
+                         "per layer, and select-conv-algo{by=model,weight_dtype=float16} per model, "
+                         "with their errors")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     t = host_target()
@@ -575,7 +578,8 @@ def main() -> None:
           "F(4,3) layer of 256 channels")
     print(f"the same kernel streaming 56.6 MB (the size of a 256-channel N=14 FFT spectrum, 58.7 "
           f"MB): {b_ms:.3f} ms = {b_gbps:.1f} GB/s")
-    half_cols = ["F(2,3)h", "ratio", "err", "F(4,3)h", "ratio", "err"] if args.half else []
+    half_cols = ["F(2,3)h", "ratio", "err", "F(4,3)h", "ratio", "err", "FFTh", "ratio", "err"] \
+        if args.half else []
     print(format_table(["C", "HxW", "kernel", "direct", "F(2,3)", "ratio", "F(4,3)", "ratio",
                         "FFT", "ratio", *half_cols, "fastest", "model picks", "parity err",
                         "weights MB", "GB/s"],
@@ -583,7 +587,7 @@ def main() -> None:
                        | {13 + len(half_cols), 14 + len(half_cols)}))
     print("weights MB: per call, each algorithm's (direct/F(2,3)/F(4,3)/FFT, or direct/FFT); "
           "GB/s: those bytes / its median time"
-          + ("; F(m,3)h: Winograd with float16 U (half its weight bytes), err: its compiled "
+          + ("; F(m,3)h, FFTh: with float16 U / spectrum (half their bytes), err: the compiled "
              "output's max error against direct's, relative to direct's largest magnitude"
              if args.half else ""))
     if fit:
@@ -596,7 +600,7 @@ def main() -> None:
               + (", the same with the fitted constants" if fit else "") + " vs direct")
         extra = (["warm", "ratio", "choices"] if args.warm else []) + \
             (["fitted", "ratio", "choices"] if fit else []) + \
-            (["f16 U", "ratio", "choices", "f16 err"] if args.half else [])
+            (["f16", "ratio", "choices", "f16 err"] if args.half else [])
         print(format_table(["model", "input", "direct", "measure", "ratio", "choices",
                             "select s", "model", "ratio", "choices", *extra], model_rows,
                            right={2, 3, 4, 6, 7, 8, 10, 11, 13, 14, 16, 17}))

@@ -217,7 +217,7 @@ def _batch_gemm_te(v, u, name: str = GEMM_BLOCK):
 
         def ue(e, kk, j):
             return u[e if bu > 1 else 0, kk, j]
-    if u.dtype != v.dtype:  # float16 U (``winograd{u_dtype=float16}``): widened as it is read
+    if u.dtype != v.dtype:  # float16 U (``weight_dtype=float16``): widened as it is read
         narrow = ue
 
         def ue(e, kk, j):
@@ -625,6 +625,8 @@ def _fft_complex_gemm_te(v, w):
 
     def f(e, i, jo, t, c):
         re, im = w[e, jo, rk, 0, c], w[e, jo, rk, 1, c]
+        if w.dtype != v.dtype:  # a float16 spectrum: widened as it is read
+            re, im = re.astype(v.dtype), im.astype(v.dtype)
         coef = tirx.Select(rs == t, re, tirx.Select(rs == 0, im, -im))
         return te.sum(v[e, i, rs * ci + rk] * coef, axis=[rk, rs])
 

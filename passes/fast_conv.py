@@ -29,14 +29,16 @@ direct        3e-7 - 4e-7           -
 F(2x2,3x3)    1e-7 - 6e-7           ``WINOGRAD_TOLERANCE[2]`` = 1e-5
 F(4x4,3x3)    1e-6 - 5e-6           ``WINOGRAD_TOLERANCE[4]`` = 1e-4
 FFT           1e-7 - 3e-7           ``FFT_TOLERANCE`` = 1e-5
-F(2,3) f16 U  3e-4 - 4e-4           lossy, recorded; bound ``HALF_U_ERROR[2]`` = 1e-3
-F(4,3) f16 U  1.6e-3 - 2.2e-3       lossy, recorded; bound ``HALF_U_ERROR[4]`` = 5e-3
+F(2,3) f16    3e-4 - 4e-4           lossy, recorded; bound ``HALF_ERROR["winograd2"]`` = 1e-3
+F(4,3) f16    1.6e-3 - 2.2e-3       lossy, recorded; bound ``HALF_ERROR["winograd4"]`` = 5e-3
+FFT f16       1.5e-4 - 2.2e-4       lossy, recorded; bound ``HALF_ERROR["fft"]`` = 1e-3
 ============  ===================  =====================================================
 
-``u_dtype=float16`` stores ``U`` in float16 (the arithmetic stays float32).  Rounding the
-weights alone costs a direct convolution 2e-4 here; F(2,3) about as much, but F(4,3) 8x
-more: its output transform (entries up to 8) amplifies the rounding error of ``U``, which,
-unlike the exact ``U``, does not cancel.
+``weight_dtype=float16`` (all three passes) stores the transformed weights (``U``, the
+spectrum) in float16; the arithmetic stays float32.  Rounding the weights alone costs a
+direct convolution 2e-4 here; F(2,3) and FFT about as much, but F(4,3) 8x more: its output
+transform (entries up to 8) amplifies the rounding error of ``U``, which, unlike the exact
+``U``, does not cancel.
 
 F(4,3)'s error is about 10x F(2,3)'s and grows with the input channels: its transforms
 have larger, non-integer entries that amplify rounding (points 0, +-1, 1/2, -2, after
@@ -89,9 +91,9 @@ aten = torch.ops.aten
 WINOGRAD_TOLERANCE = {2: 1e-5, 4: 1e-4}
 #: Verification tolerance of FFT convolution.
 FFT_TOLERANCE = 1e-5
-#: Error bound (relative to the output magnitude) of one layer whose ``U`` is stored in
-#: float16 (``winograd{u_dtype=float16}``: lossy, recorded by the pass, not verified).
-HALF_U_ERROR = {2: 1e-3, 4: 5e-3}
+#: Error bound (relative to the output magnitude) of one layer whose transformed weights
+#: are stored in float16 (``weight_dtype=float16``: lossy, recorded by the pass, not verified).
+HALF_ERROR = {"winograd2": 1e-3, "winograd4": 5e-3, "fft": 1e-3}
 
 #: Interpolation points of F(m, 3) (the point at infinity is implied).  F(4, 3) uses
 #: Barabasz et al.'s points, which halve the error of Lavin's 0, +-1, +-2.
@@ -160,43 +162,43 @@ def winograd_filter(weight: torch.Tensor, tile: int, dtype: torch.dtype | None =
     return u.to(dtype or weight.dtype).contiguous()
 
 
-#: ``u_dtype=float16`` keeps a layer's ``U`` in float32 when rounding it to float16 costs
-#: more than this, relative to its largest magnitude (a normal float16 rounds within
-#: 2^-11; more means values out of float16's range: overflow, or a layer whose weights are
-#: all so small that they fall to float16's subnormals).
-HALF_U_MAX_ERROR = 2.0 ** -10
+#: ``weight_dtype=float16`` keeps a layer direct when rounding its transformed weights to
+#: float16 costs more than this, relative to their largest magnitude (a normal float16
+#: rounds within 2^-11; more means values out of float16's range: overflow, or a layer
+#: whose weights are all so small that they fall to float16's subnormals).
+HALF_MAX_ERROR = 2.0 ** -10
 
-U_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def half_u_problem(weight: torch.Tensor, tile: int) -> str | None:
-    """Why ``weight``'s F(tile,3) transformed filter cannot be stored in float16, or ``None``.
+def half_problem(values: torch.Tensor, what: str = "U") -> str | None:
+    """Why transformed weights ``values`` (float64) cannot be stored in float16, or ``None``.
 
-    >>> half_u_problem(torch.randn(8, 8, 3, 3) * 0.1, 4) is None
+    >>> half_problem(winograd_filter(torch.randn(8, 8, 3, 3) * 0.1, 4, torch.float64)) is None
     True
-    >>> half_u_problem(torch.full((8, 8, 3, 3), 1e5), 4)
+    >>> half_problem(winograd_filter(torch.full((8, 8, 3, 3), 1e5), 4, torch.float64))
     'float16 U out of range: max |U| 3.48e+05 (float16 holds up to 65504)'
     """
-    u = winograd_filter(weight, tile, torch.float64)
-    top = u.abs().max().item()
+    top = values.abs().max().item()
     if top > torch.finfo(torch.float16).max:
-        return f"float16 U out of range: max |U| {top:.3g} (float16 holds up to 65504)"
-    err = (u.half().double() - u).abs().max().item() / max(top, 1e-300)
-    if err > HALF_U_MAX_ERROR:
-        return (f"float16 U loses precision: rounding error {err:.2g} of max |U| {top:.3g} "
-                f"(> {HALF_U_MAX_ERROR:.2g}; weights too small for float16)")
+        return f"float16 {what} out of range: max |{what}| {top:.3g} (float16 holds up to 65504)"
+    err = (values.half().double() - values).abs().max().item() / max(top, 1e-300)
+    if err > HALF_MAX_ERROR:
+        return (f"float16 {what} loses precision: rounding error {err:.2g} of max |{what}| "
+                f"{top:.3g} (> {HALF_MAX_ERROR:.2g}; weights too small for float16)")
     return None
 
 
-def fft_spectrum(weight: torch.Tensor, size: int) -> torch.Tensor:
+def fft_spectrum(weight: torch.Tensor, size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The conjugated real 2-D spectrum of a ``(Cout, Cin, k, k)`` weight, zero-padded to
     ``size x size``: ``(2, size, size // 2 + 1, Cin, Cout)`` (real part, imaginary part).
 
     Correlating with ``weight`` is multiplying by this spectrum (the correlation theorem).
+    Computed in float64 and rounded once to ``dtype`` (default: the weight's dtype).
     """
     spec = torch.fft.rfft2(weight.double(), s=(size, size)).conj()  # Cout, Cin, N, N/2+1
     out = torch.stack([spec.real, spec.imag]).permute(0, 3, 4, 2, 1)
-    return out.to(weight.dtype).contiguous()
+    return out.to(dtype or weight.dtype).contiguous()
 
 
 #: FFT sizes: ``N + 2 = 2 (N/2 + 1)`` real spectrum values per row, a multiple of 8 so the
@@ -258,7 +260,7 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     ``u`` is the transformed filter ``(alpha, alpha, Cout, Cin)`` (:func:`winograd_filter`).
     """
     at, _, bt = (m.to(x.dtype) for m in winograd_matrices(tile, u.shape[0] - tile + 1))
-    u = u.to(x.dtype)  # stored in float16 with u_dtype=float16: computed in x's dtype
+    u = u.to(x.dtype)  # stored in float16 with weight_dtype=float16: computed in x's dtype
     alpha, m = u.shape[0], tile
     n = x.shape[0]
     d, (ho, wo), (th, tw) = _input_tiles(x, padding, alpha - m + 1, m, alpha)  # alpha x alpha
@@ -286,6 +288,7 @@ def fft_conv2d(x: torch.Tensor, w_hat: torch.Tensor, bias: torch.Tensor | None,
     ``w_hat`` is the filter spectrum ``(2, N, N/2+1, Cin, Cout)`` (:func:`fft_spectrum`).
     """
     size = w_hat.shape[1]
+    w_hat = w_hat.to(x.dtype)  # stored in float16 with weight_dtype=float16
     n = x.shape[0]
     d, (ho, wo), (th, tw) = _input_tiles(x, padding, kernel, tile, size)  # N x N windows
     spec = torch.fft.rfft2(d)
@@ -400,35 +403,55 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
     return {"max_abs_error": d.max().item(), "rel_error": d.max().item() / scale}
 
 
+def transformed_weight(algo: str, weight: torch.Tensor, p: ConvParams, dtype=None,
+                       tile: int | None = None) -> torch.Tensor:
+    """What ``algo`` stores in place of ``weight``: Winograd's ``U``, or the FFT spectrum
+    (of ``tile``, or :func:`fft_tile`'s choice), rounded to ``dtype`` (default: the
+    weight's)."""
+    if algo.startswith("winograd"):
+        return winograd_filter(weight, int(algo[-1]), dtype)
+    if algo != "fft":
+        raise ValueError(f"unknown convolution algorithm {algo!r}: {', '.join(ALGOS)}")
+    t = tile or fft_tile(p.kernel, p.out_shape[2], p.out_shape[3], p.cin, p.cout)
+    return fft_spectrum(weight, t + p.kernel - 1, dtype)
+
+
+def _half_reject(algo: str, weight: torch.Tensor, p: ConvParams, tile: int | None = None):
+    """Why ``algo``'s transformed ``weight`` cannot be float16 (``None``: it can)."""
+    values = transformed_weight(algo, weight, p, torch.float64, tile)
+    return half_problem(values, "U" if algo.startswith("winograd") else "spectrum")
+
+
 def _substitute(graph: Graph, node: torch.fx.Node, algo: str, p: ConvParams, x_in=None,
-                tile: int | None = None, u_dtype: str = "float32") -> dict:
+                tile: int | None = None, weight_dtype: str = "float32") -> dict:
     """Replace conv ``node`` by ``algo`` ("winograd2", "winograd4", "fft"); returns its
-    record.  ``u_dtype``: the dtype Winograd's ``U`` is stored in."""
+    record.  ``weight_dtype``: the dtype its transformed weights are stored in."""
     w_node, b_node = node.args[1], node.args[2]
     w = graph.param(w_node)
     path = _layer_name(node)
+    if algo not in ALGOS:
+        raise GraphError(f"unknown convolution algorithm {algo!r}", node)
+    dtype = WEIGHT_DTYPES[weight_dtype] if weight_dtype != "float32" else None
+    value = transformed_weight(algo, w, p, dtype, tile)
     if algo.startswith("winograd"):
         t = int(algo[-1])
-        value = winograd_filter(w, t, U_DTYPES[u_dtype] if u_dtype != "float32" else None)
         new_w = graph.add_param(f"{path}.winograd_u", value, before=node)
         target = torch.ops.slimfx.winograd_conv2d.default
         args = (node.args[0], new_w, b_node, list(p.padding), t)
-        record = {"algo": f"winograd F({t},3)", "u_dtype": str(value.dtype).removeprefix("torch.")}
-    elif algo == "fft":
-        t = tile or fft_tile(p.kernel, p.out_shape[2], p.out_shape[3], p.cin, p.cout)
-        size = t + p.kernel - 1
-        value = fft_spectrum(w, size)
+        record = {"algo": f"winograd F({t},3)"}
+    else:  # fft
+        size = value.shape[1]
+        t = size - p.kernel + 1
         new_w = graph.add_param(f"{path}.fft_spectrum", value, before=node)
         target = torch.ops.slimfx.fft_conv2d.default
         args = (node.args[0], new_w, b_node, list(p.padding), p.kernel, t)
         record = {"algo": f"fft N={size} tile={t}"}
-    else:
-        raise GraphError(f"unknown convolution algorithm {algo!r}", node)
     with graph.fx.inserting_before(node):
         new = graph.fx.call_function(target, args)
     graph.inherit(new, node)
     node.replace_all_uses_with(new)
     graph.fx.erase_node(node)
+    record["weight_dtype"] = str(value.dtype).removeprefix("torch.")
     record["params"] = [w.numel(), value.numel()]
     record["bytes"] = [w.numel() * w.element_size(), value.numel() * value.element_size()]
     if x_in is not None:
@@ -494,24 +517,24 @@ class WinogradOptions:
     ----------
     tile: output tile ``m`` of F(m x m, 3 x 3): 2 or 4.
     exclude: module paths of convolutions to keep direct.
-    u_dtype: the dtype the transformed filter ``U`` is stored (and read) in: ``float32``,
-        or ``float16``, half the bytes, which is what a batch-1 layer with many channels
-        and few tiles waits for (its ``U`` serves each tile once); the arithmetic stays
-        float32.  Lossy: the pass is then not verified at the tile's tolerance but reports
-        its error (per layer 4e-4 of the output's magnitude with F(2,3), 2e-3 with F(4,3):
-        the module's table).  A layer
-        whose ``U`` does not fit float16 (:func:`half_u_problem`) stays direct, with the
-        reason in ``skipped``.
+    weight_dtype: the dtype the transformed filter ``U`` is stored (and read) in:
+        ``float32``, or ``float16``, half the bytes, which is what a batch-1 layer with many
+        channels and few tiles waits for (its ``U`` serves each tile once); the arithmetic
+        stays float32.  Lossy: the pass is then not verified at the tile's tolerance but
+        reports its error (per layer 4e-4 of the output's magnitude with F(2,3), 2e-3 with
+        F(4,3): the module's table).  A layer whose ``U`` does not fit float16
+        (:func:`half_problem`) stays direct, with the reason in ``skipped``.
     """
 
     tile: Literal[2, 4] = 4
     exclude: tuple[str, ...] = ()
-    u_dtype: Literal["float32", "float16"] = "float32"
+    weight_dtype: Literal["float32", "float16"] = "float32"
 
 
 @register_pass("winograd")
 class WinogradPass(Pass):
-    """Replace 3x3 stride-1 convolutions by Winograd F(tile x tile, 3 x 3); lossy with u_dtype=float16."""
+    """Replace 3x3 stride-1 convolutions by Winograd F(tile x tile, 3 x 3); lossy with
+    weight_dtype=float16."""
 
     Options = WinogradOptions
     lossless = True
@@ -519,22 +542,21 @@ class WinogradPass(Pass):
     def __init__(self, options: WinogradOptions | None = None, **kw):
         super().__init__(options, **kw)
         # float16 U rounds the weights: lossy, its error recorded, not verified
-        self.lossless = self.options.u_dtype == "float32"
+        self.lossless = self.options.weight_dtype == "float32"
 
     @property
     def atol(self) -> float:  # the manager checks this pass at its tile's tolerance
         return WINOGRAD_TOLERANCE[self.options.tile]
 
     def run(self, graph: Graph) -> PassResult:
-        tile, u_dtype = self.options.tile, self.options.u_dtype
+        algo, dtype = f"winograd{self.options.tile}", self.options.weight_dtype
 
         def reject(p, weight):
             if p.kernel != 3:
                 return f"kernel {p.kernel}x{p.kernel} (Winograd F(m,3) needs 3x3)"
-            return half_u_problem(weight, tile) if u_dtype == "float16" else None
+            return _half_reject(algo, weight, p) if dtype == "float16" else None
 
-        return _substitute_all(graph, self.options.exclude, reject, f"winograd{tile}",
-                               u_dtype=u_dtype)
+        return _substitute_all(graph, self.options.exclude, reject, algo, weight_dtype=dtype)
 
 
 # --------------------------------------------------------------------------- fft
@@ -548,11 +570,15 @@ class FFTConvOptions:
     tile: output tile per FFT block (``N = tile + kernel - 1``); 0 lets :func:`fft_tile`
         choose per layer.
     exclude: module paths of convolutions to keep direct.
+    weight_dtype: the dtype the filter spectrum is stored (and read) in: ``float32``, or
+        ``float16``, half the bytes, which a small map with many channels waits for (one
+        tile: each spectrum value is read for one multiply-add); lossy, as ``winograd``'s.
     """
 
     min_kernel: int = 5
     tile: int = 0
     exclude: tuple[str, ...] = ()
+    weight_dtype: Literal["float32", "float16"] = "float32"
 
     def __post_init__(self):
         if self.min_kernel < 2:
@@ -563,18 +589,25 @@ class FFTConvOptions:
 
 @register_pass("fft-conv", lossless=True, atol=FFT_TOLERANCE)
 class FFTConvPass(Pass):
-    """Replace stride-1 convolutions with kernels of ``min_kernel`` and up by FFT convolution."""
+    """Replace stride-1 convolutions with kernels of ``min_kernel`` and up by FFT
+    convolution; lossy with weight_dtype=float16."""
 
     Options = FFTConvOptions
 
+    def __init__(self, options: FFTConvOptions | None = None, **kw):
+        super().__init__(options, **kw)
+        self.lossless = self.options.weight_dtype == "float32"  # as WinogradPass
+
     def run(self, graph: Graph) -> PassResult:
-        k = self.options.min_kernel
+        k, tile, dtype = self.options.min_kernel, self.options.tile or None, self.options.weight_dtype
 
         def reject(p, weight):
-            return f"kernel {p.kernel} < min_kernel {k}" if p.kernel < k else None
+            if p.kernel < k:
+                return f"kernel {p.kernel} < min_kernel {k}"
+            return _half_reject("fft", weight, p, tile) if dtype == "float16" else None
 
-        return _substitute_all(graph, self.options.exclude, reject, "fft",
-                               tile=self.options.tile or None)
+        return _substitute_all(graph, self.options.exclude, reject, "fft", tile=tile,
+                               weight_dtype=dtype)
 
 
 # --------------------------------------------------------------------------- selection
@@ -623,7 +656,7 @@ def choose(times: dict[str, float], margin: float) -> str:
 
 def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int = 2,
                 ghz: float = 2.5, blocked: bool = True, model: dict | None = None,
-                u_bytes: int = 4) -> float:
+                weight_bytes: int = 4) -> float:
     """Estimated latency (ms) of one convolution with ``algo`` ("direct", "winograd2",
     "winograd4", "fft") on a CPU with ``vector_bits``-wide FMA vectors and ``cores``.
 
@@ -639,7 +672,8 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     converting its input and output to and from NCHW (two more kernels); Winograd's
     transforms read and write the blocked layout themselves.
     ``model`` replaces :data:`MODEL`'s constants (``bench/fast_conv.py --fit`` tries some).
-    ``u_bytes``: bytes per element of Winograd's ``U`` (2 with ``u_dtype=float16``).
+    ``weight_bytes``: bytes per element of the transformed weights (2 with
+    ``weight_dtype=float16``).
 
     >>> p = ConvParams(64, 64, 3, (1, 1), (1, 64, 56, 56), (1, 64, 56, 56))
     >>> estimate_ms("winograd4", p) < estimate_ms("direct", p)
@@ -662,7 +696,7 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
         bins, per_tile_in, per_tile_out = alpha * alpha, 2 * alpha ** 3, m * alpha * alpha + m * m * alpha
         tiles = n * -(-ho // m) * -(-wo // m)
         gemm = 2 * tiles * bins * ci * co
-        weights = u_bytes * bins * ci * co  # the transformed filter, read once per call
+        weights = weight_bytes * bins * ci * co  # the transformed filter, read once per call
     elif algo == "fft":
         t = fft_tile(k, ho, wo, ci, co)
         size = t + k - 1
@@ -671,7 +705,7 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
         per_tile_in = per_tile_out = 3 * size ** 3
         tiles = n * -(-ho // t) * -(-wo // t)
         gemm = 2 * tiles * size * half * 4 * ci * co
-        weights = 4 * size * half * 2 * ci * co  # (Re, Im) pairs per frequency
+        weights = weight_bytes * size * half * 2 * ci * co  # (Re, Im) pairs per frequency
     else:
         raise ValueError(f"unknown algorithm {algo!r}: direct, {', '.join(ALGOS)}")
     transform = 2 * tiles * (ci * per_tile_in + co * per_tile_out)
@@ -708,9 +742,10 @@ class SelectOptions:
         224``), while F(2,3) measured 1.53x warm, 1.15x cold and 1.37x in the model.
         With ``by=model``: the constants fitted cold (:data:`MODEL`) or warm
         (:data:`MODEL_WARM`, for a model that stays in the last-level cache between runs).
-    u_dtype: the dtype of the Winograd candidates' ``U`` (``winograd``'s option of that
-        name): ``float16`` halves the bytes they stream, measured or modelled so, and makes
-        the pass lossy (its error reported, not verified).
+    weight_dtype: the dtype of the candidates' transformed weights (``winograd``'s and
+        ``fft-conv``'s option of that name): ``float16`` halves the bytes they stream,
+        measured or modelled so, and makes the pass lossy (its error reported, not
+        verified).
     """
 
     by: Literal["measure", "model"] = "measure"
@@ -720,7 +755,7 @@ class SelectOptions:
     repeat: int = 10
     exclude: tuple[str, ...] = ()
     cold: bool = True
-    u_dtype: Literal["float32", "float16"] = "float32"
+    weight_dtype: Literal["float32", "float16"] = "float32"
 
     def __post_init__(self):
         bad = [a for a in self.algos if a not in ALGOS]
@@ -743,16 +778,17 @@ def _applicable(algo: str, p: ConvParams) -> bool:
 _MEASURED: dict[tuple, float] = {}
 
 
-def _pipeline_of(algo: str, u_dtype: str = "float32") -> str | None:
+def _pipeline_of(algo: str, weight_dtype: str = "float32") -> str | None:
     if algo == "direct":
         return None
     if algo.startswith("winograd"):
-        return f"winograd{{tile={algo[-1]},u_dtype={u_dtype}}}"
-    return "fft-conv{min_kernel=2}"
+        return f"winograd{{tile={algo[-1]},weight_dtype={weight_dtype}}}"
+    return f"fft-conv{{min_kernel=2,weight_dtype={weight_dtype}}}"
 
 
 def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
-                  rounds: int = 3, cold: bool = False, u_dtype: str = "float32") -> dict[str, float]:
+                  rounds: int = 3, cold: bool = False,
+                  weight_dtype: str = "float32") -> dict[str, float]:
     """Median compiled latency (ms) of one convolution of shape ``p`` with each algorithm,
     in context: between two 1x1 convolutions, as a layer sits between others in a model.
 
@@ -765,12 +801,12 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
     ResNet-18 layers that made the whole model slower (0.93x, ``bench/fast_conv.py``,
     before Winograd read the blocked layout).  The times
     include the frame's two 1x1 convolutions, the same for every candidate.  ``cold``: the
-    caches flushed before each run (``CompiledModel.benchmark(cold=True)``).  ``u_dtype``:
-    Winograd's ``U`` in that dtype.
+    caches flushed before each run (``CompiledModel.benchmark(cold=True)``).
+    ``weight_dtype``: the candidates' transformed weights in that dtype.
     """
     import slimfx
 
-    key = (target, cold, u_dtype, p.cin, p.cout, p.kernel, p.padding, p.in_shape)
+    key = (target, cold, weight_dtype, p.cin, p.cout, p.kernel, p.padding, p.in_shape)
     todo = [a for a in algos if (*key, a) not in _MEASURED]
     if todo:
         gen = torch.Generator().manual_seed(0)
@@ -780,7 +816,7 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
         frame = torch.nn.Sequential(torch.nn.Conv2d(p.cin, p.cin, 1), conv,
                                     torch.nn.Conv2d(p.cout, p.cout, 1)).eval()
         x = torch.randn(p.in_shape, generator=gen)
-        built = {a: slimfx.compile(frame, x, target=target, pipeline=_pipeline_of(a, u_dtype),
+        built = {a: slimfx.compile(frame, x, target=target, pipeline=_pipeline_of(a, weight_dtype),
                                    verbose=False) for a in todo}
         for a, ms in _alternate(built, [x.numpy()], repeat, rounds, cold).items():
             _MEASURED[(*key, a)] = ms
@@ -812,16 +848,16 @@ def _alternate(built: dict, inputs, repeat: int, rounds: int,
 
 @register_pass("select-conv-algo")
 class SelectConvAlgo(Pass):
-    """Choose direct, Winograd or FFT per convolution by measuring (or a cost model); lossy with u_dtype=float16."""
+    """Choose direct, Winograd or FFT per convolution by measuring (or a cost model); lossy
+    with weight_dtype=float16."""
 
     Options = SelectOptions
     lossless = True
 
     def __init__(self, options: SelectOptions | None = None, **kw):
         super().__init__(options, **kw)
-        # float16 U for the Winograd candidates: lossy, its error recorded, not verified
-        self.lossless = (self.options.u_dtype == "float32"
-                         or not any(a.startswith("winograd") for a in self.options.algos))
+        # float16 transformed weights: lossy, the error recorded, not verified
+        self.lossless = self.options.weight_dtype == "float32"
 
     @property
     def atol(self) -> float:  # the loosest tolerance among the algorithms it may apply
@@ -846,22 +882,22 @@ class SelectConvAlgo(Pass):
             if name in opts.exclude:
                 p, why = None, "excluded"
             cands = [a for a in opts.algos if p is not None and _applicable(a, p)]
-            if opts.u_dtype == "float16":  # a U out of float16's range: that tile stays out
-                half = {a: half_u_problem(graph.param(node.args[1]), int(a[-1]))
-                        for a in cands if a.startswith("winograd")}
-                cands = [a for a in cands if not half.get(a)]
+            if opts.weight_dtype == "float16":  # out of float16's range: that candidate is out
+                half = {a: _half_reject(a, graph.param(node.args[1]), p) for a in cands}
+                cands = [a for a in cands if not half[a]]
                 why = next((r for r in half.values() if r), why)
             if p is None or not cands:
                 skipped[name] = why or "no applicable algorithm"
                 continue
             if opts.by == "measure":
                 times = measure_layer(p, ["direct", *cands], opts.target, opts.repeat,
-                                      cold=opts.cold and info.kind == "llvm", u_dtype=opts.u_dtype)
+                                      cold=opts.cold and info.kind == "llvm",
+                                      weight_dtype=opts.weight_dtype)
             else:
                 times = {a: estimate_ms(a, p, vector_bits=info.vector_bits, cores=info.num_cores,
                                         blocked=info.kind == "llvm",
                                         model=MODEL if opts.cold else MODEL_WARM,
-                                        u_bytes=U_DTYPES[opts.u_dtype].itemsize)
+                                        weight_bytes=WEIGHT_DTYPES[opts.weight_dtype].itemsize)
                          for a in ["direct", *cands]}
             chosen = choose(times, opts.margin)
             choices[name] = {"choice": chosen, "ms": {a: round(t, 4) for a, t in times.items()},
@@ -873,7 +909,7 @@ class SelectConvAlgo(Pass):
         records = {}
         for node, p, algo in planned:
             records[_layer_name(node)] = _substitute(graph, node, algo, p, inputs[node.name],
-                                                     u_dtype=opts.u_dtype)
+                                                     weight_dtype=opts.weight_dtype)
         result = _finish(graph, records, skipped)
         if before is not None:
             # Layers are timed in a frame, not in their model (residual adds and ReLUs fuse

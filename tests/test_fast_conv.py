@@ -475,7 +475,7 @@ def test_half_u_op_error_is_within_its_bound_and_above_float32s(tile):
     assert u16.dtype == torch.float16 and u16.shape == (tile + 2, tile + 2, 64, 64)
     half = _rel(fc.winograd_conv2d(x, u16, None, [1, 1], tile), exact)
     single = _rel(fc.winograd_conv2d(x, fc.winograd_filter(w, tile), None, [1, 1], tile), exact)
-    assert 10 * single < half <= fc.HALF_U_ERROR[tile]
+    assert 10 * single < half <= fc.HALF_ERROR[f"winograd{tile}"]
 
 
 def test_half_u_pass_is_lossy_stores_half_the_bytes_and_skips_out_of_range_layers():
@@ -487,7 +487,7 @@ def test_half_u_pass_is_lossy_stores_half_the_bytes_and_skips_out_of_range_layer
         model[4].weight.mul_(1e-7)  # its U would fall to float16's subnormals
     x = torch.randn(1, 8, 12, 12)
     g = slimfx.capture(model, x)
-    pm = slimfx.PassManager("winograd{tile=4,u_dtype=float16}")
+    pm = slimfx.PassManager("winograd{tile=4,weight_dtype=float16}")
     g2 = pm.run(g)
     rec = pm.records[0]
     assert rec.status == "ok" and not rec.lossless and rec.rel_error > 0  # recorded
@@ -495,19 +495,20 @@ def test_half_u_pass_is_lossy_stores_half_the_bytes_and_skips_out_of_range_layer
     assert rec.stats["skipped"]["4"].startswith("float16 U loses precision")
     params = dict(g2.gm.named_parameters())
     for name, layer in rec.stats["layers"].items():
-        assert layer["u_dtype"] == "float16" and params[f"{name}.winograd_u"].dtype == torch.float16
+        assert layer["weight_dtype"] == "float16" and params[f"{name}.winograd_u"].dtype == torch.float16
         assert layer["bytes"][1] == 2 * layer["params"][1]  # 2 bytes per element of U
-        assert fc.WINOGRAD_TOLERANCE[4] < layer["rel_error"] <= fc.HALF_U_ERROR[4]
+        assert fc.WINOGRAD_TOLERANCE[4] < layer["rel_error"] <= fc.HALF_ERROR["winograd4"]
     assert _ops(g2).count(WINOGRAD) == 2 and "4.weight" in params  # the tiny layer kept
     y = torch.randn_like(x)
-    assert _rel(g2(y), model(y)) <= 2 * fc.HALF_U_ERROR[4]
-    assert fc.half_u_problem(torch.full((4, 4, 3, 3), 1e5), 2).startswith("float16 U out of range")
-    with pytest.raises(PipelineError, match="option 'u_dtype'"):
-        slimfx.run_pipeline(g, "winograd{u_dtype=int8}")
+    assert _rel(g2(y), model(y)) <= 2 * fc.HALF_ERROR["winograd4"]
+    big = fc.winograd_filter(torch.full((4, 4, 3, 3), 1e5), 2, torch.float64)
+    assert fc.half_problem(big).startswith("float16 U out of range")
+    with pytest.raises(PipelineError, match="option 'weight_dtype'"):
+        slimfx.run_pipeline(g, "winograd{weight_dtype=int8}")
     # float32 U (the default) stays lossless, verified at the tile's tolerance
     pm32 = slimfx.PassManager("winograd{tile=4}")
     pm32.run(g)
-    assert pm32.records[0].lossless and pm32.records[0].stats["layers"]["0"]["u_dtype"] == "float32"
+    assert pm32.records[0].lossless and pm32.records[0].stats["layers"]["0"]["weight_dtype"] == "float32"
 
 
 def test_compiled_half_u_reads_float16_and_matches_its_graph():
@@ -515,26 +516,56 @@ def test_compiled_half_u_reads_float16_and_matches_its_graph():
     conv = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(32, 32, 3, padding=1)).eval()
     x = torch.randn(1, 16, 10, 10)
-    graph = slimfx.run_pipeline(conv, "winograd{tile=4,u_dtype=float16}", x)
+    graph = slimfx.run_pipeline(conv, "winograd{tile=4,weight_dtype=float16}", x)
     cm = slimfx.compile(graph, atol=fc.WINOGRAD_TOLERANCE[4])  # vs the graph: float32 rounding
     assert cm.manifest["build"]["kernels"].get("winograd_gemm") == 2  # the hand schedule
     y = torch.randn_like(x)
     with torch.no_grad():
         assert _rel(cm(y), graph(y)) <= fc.WINOGRAD_TOLERANCE[4]
-        assert _rel(cm(y), conv(y)) <= 2 * fc.HALF_U_ERROR[4]
+        assert _rel(cm(y), conv(y)) <= 2 * fc.HALF_ERROR["winograd4"]
 
 
-def test_select_by_model_with_half_u_models_half_the_weight_bytes():
+def test_select_by_model_with_float16_weights_models_half_their_bytes():
     # 512 channels at 7x7: float32 U (16.8 MB for F(2,3)) stays direct cold; half of it wins
     model = nn.Sequential(nn.Conv2d(512, 512, 3, padding=1)).eval()
     x = torch.randn(1, 512, 7, 7)
     p = fc.ConvParams(512, 512, 3, (1, 1), tuple(x.shape), tuple(x.shape))
-    assert fc.estimate_ms("winograd2", p, u_bytes=2) < fc.estimate_ms("winograd2", p)
+    assert fc.estimate_ms("winograd2", p, weight_bytes=2) < fc.estimate_ms("winograd2", p)
     picks, records = {}, {}
-    for u_dtype in ("float32", "float16"):
-        pm = slimfx.PassManager(f"select-conv-algo{{by=model,u_dtype={u_dtype}}}")
+    for weight_dtype in ("float32", "float16"):
+        pm = slimfx.PassManager(f"select-conv-algo{{by=model,weight_dtype={weight_dtype}}}")
         g = pm.run(model, x)
-        picks[u_dtype], records[u_dtype] = pm.records[0].stats["choices"]["0"], pm.records[0]
+        picks[weight_dtype], records[weight_dtype] = pm.records[0].stats["choices"]["0"], pm.records[0]
     assert picks["float32"]["choice"] == "direct" and records["float32"].lossless
     assert picks["float16"]["choice"] == "winograd2" and not records["float16"].lossless
     assert dict(g.gm.named_parameters())["0.winograd_u"].dtype == torch.float16
+
+
+def test_half_spectrum_fft_is_lossy_within_its_bound_and_compiles():
+    torch.manual_seed(7)
+    x = torch.randn(1, 16, 14, 14)
+    w = _conv_weight(16, 16, 7)
+    exact = F.conv2d(x.double(), w.double(), padding=3)
+    tile = fc.fft_tile(7, 14, 14, 16, 16)
+    spec16 = fc.fft_spectrum(w, tile + 6, torch.float16)
+    half = _rel(fc.fft_conv2d(x, spec16, None, [3, 3], 7, tile), exact)
+    single = _rel(fc.fft_conv2d(x, fc.fft_spectrum(w, tile + 6), None, [3, 3], 7, tile), exact)
+    assert spec16.dtype == torch.float16 and 10 * single < half <= fc.HALF_ERROR["fft"]
+    model = nn.Sequential(nn.Conv2d(16, 16, 7, padding=3), nn.ReLU(),
+                          nn.Conv2d(16, 16, 5, padding=2)).eval()
+    with torch.no_grad():
+        model[2].weight.fill_(1e5)  # a spectrum beyond float16's range: that layer stays direct
+    pm = slimfx.PassManager("fft-conv{weight_dtype=float16}")
+    g = pm.run(model, x)
+    rec = pm.records[0]
+    assert rec.status == "ok" and not rec.lossless and sorted(rec.stats["layers"]) == ["0"]
+    assert rec.stats["skipped"]["2"].startswith("float16 spectrum out of range")
+    layer = rec.stats["layers"]["0"]
+    assert layer["weight_dtype"] == "float16" and layer["bytes"][1] == 2 * layer["params"][1]
+    assert 0 < layer["rel_error"] <= fc.HALF_ERROR["fft"]
+    assert dict(g.gm.named_parameters())["0.fft_spectrum"].dtype == torch.float16
+    cm = slimfx.compile(g, atol=fc.FFT_TOLERANCE)  # vs the graph: float32 rounding
+    assert cm.manifest["build"]["kernels"].get("fft_complex_gemm") == 1  # the hand schedule
+    y = torch.randn_like(x)
+    with torch.no_grad():
+        assert _rel(cm(y), g(y)) <= fc.FFT_TOLERANCE

@@ -79,7 +79,7 @@ def test_cuda_build_schedules_winograd_with_float16_u():
     # the transform-domain GEMM widens float16 U as it loads it: dlight's matmul rule takes it
     model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()).eval()
     cm = slimfx.compile(model, torch.randn(1, 16, 12, 12), target=SM90,
-                        pipeline="winograd{tile=4,u_dtype=float16}")
+                        pipeline="winograd{tile=4,weight_dtype=float16}")
     kernels = cm.manifest["build"]["kernels"]
     assert "unscheduled" not in kernels and kernels.get("Matmul") == 1
 
