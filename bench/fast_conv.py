@@ -1,10 +1,10 @@
 """Compiled latency of direct vs Winograd F(2,3) / F(4,3) vs FFT convolution, per layer,
 and whole models with ``select-conv-algo`` vs direct.
 
-Each layer (one stride-1 conv, ``padding = k // 2``, batch 1 unless ``--batch``) is compiled for the host
-once per algorithm; latencies are medians over rounds that alternate the algorithms, so
-all see the same machine load; the ratio columns (direct / algorithm: > 1 is faster) are
-what to read on a shared, noisy machine.  Whole models are compiled direct and with
+Each layer (one stride-1 conv, ``padding = k // 2``, batch 1 unless ``--batch``) is
+compiled for the host once per algorithm; latencies are medians over rounds that alternate
+the algorithms, so all see the same machine load; the ratio columns (direct / algorithm:
+> 1 is faster) are what to read on a shared, noisy machine.  Whole models are compiled direct and with
 ``select-conv-algo{by=measure}`` (and ``by=model``) and timed the same way.
 
     python bench/fast_conv.py [--rounds 5] [--runs 10] [--quick] [--models resnet18,vgg11]
@@ -18,7 +18,7 @@ what to read on a shared, noisy machine.  Whole models are compiled direct and w
     python bench/fast_conv.py --layers 256x14x3 --models '' --inside resnet18,resnet50 --size 224
     python bench/fast_conv.py --layers 64x56x3 --layouts  # Winograd blocked vs NCHW
     python bench/fast_conv.py --chain 4 --models ''      # each layer inside a chain of 4
-    python bench/fast_conv.py --chain 4 --half   # also Winograd with float16 U, and its error
+    python bench/fast_conv.py --chain 4 --half   # also float16 U / spectra, and their error
     python bench/fast_conv.py --accuracy 0,1,2   # what float16 U costs a trained classifier
     python bench/fast_conv.py --chain 4 --half --batch 4 --layers 256x7x3 --models ''
 
