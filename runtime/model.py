@@ -52,6 +52,18 @@ class IOSpec:
 FLUSH_BYTES = 256 << 20
 
 
+def _cache_flusher():
+    """A function that writes every line of a :data:`FLUSH_BYTES` buffer: after it, the
+    caches hold none of a model's data (``benchmark(cold=True)``, ``profile(cold=True)``)."""
+    buf = np.ones(FLUSH_BYTES // 4, dtype=np.float32)
+
+    def flush() -> None:
+        nonlocal buf
+        buf += 1.0
+
+    return flush
+
+
 @dataclass(frozen=True)
 class Latency:
     """Latency statistics over ``runs`` timed runs, in milliseconds."""
@@ -283,10 +295,10 @@ class CompiledModel:
     def _benchmark_cold(self, repeat: int) -> Latency:
         import time
 
-        flush = np.ones(FLUSH_BYTES // 4, dtype=np.float32)
+        flush = _cache_flusher()
         times = []
         for _ in range(repeat):
-            flush += 1.0  # every line written: the model's data evicted
+            flush()
             t0 = time.perf_counter()
             self._vm.invoke_stateful("main")
             times.append((time.perf_counter() - t0) * 1e3)
@@ -320,7 +332,7 @@ class CompiledModel:
             inputs = tuple(np.zeros(s.shape, dtype=s.dtype) for s in self.inputs)
         self._set_inputs(inputs)
         vm = self._vm
-        flush = np.ones(FLUSH_BYTES // 4, dtype=np.float32) if cold else None
+        flush = _cache_flusher() if cold else None
         for _ in range(warmup):
             vm.invoke_stateful("main")
         per_run: list[dict[str, float]] = []
@@ -348,7 +360,7 @@ class CompiledModel:
         try:
             for _ in range(repeat):
                 if flush is not None:
-                    flush += 1.0  # every line written: the model's data evicted
+                    flush()
                 per_run.append({})
                 t0 = clock()
                 vm.invoke_stateful("main")
