@@ -745,7 +745,8 @@ class SelectOptions:
     weight_dtype: the dtype of the candidates' transformed weights (``winograd``'s and
         ``fft-conv``'s option of that name): ``float16`` halves the bytes they stream,
         measured or modelled so, and makes the pass lossy (its error reported, not
-        verified).
+        verified).  A choice whose transformed weights do not fit float16 gives way to the
+        next best (the reasons in the layer's ``not_float16``).
     """
 
     by: Literal["measure", "model"] = "measure"
@@ -882,10 +883,6 @@ class SelectConvAlgo(Pass):
             if name in opts.exclude:
                 p, why = None, "excluded"
             cands = [a for a in opts.algos if p is not None and _applicable(a, p)]
-            if opts.weight_dtype == "float16":  # out of float16's range: that candidate is out
-                half = {a: _half_reject(a, graph.param(node.args[1]), p) for a in cands}
-                cands = [a for a in cands if not half[a]]
-                why = next((r for r in half.values() if r), why)
             if p is None or not cands:
                 skipped[name] = why or "no applicable algorithm"
                 continue
@@ -899,9 +896,18 @@ class SelectConvAlgo(Pass):
                                         model=MODEL if opts.cold else MODEL_WARM,
                                         weight_bytes=WEIGHT_DTYPES[opts.weight_dtype].itemsize)
                          for a in ["direct", *cands]}
-            chosen = choose(times, opts.margin)
+            chosen, unfit = choose(times, opts.margin), {}
+            while chosen != "direct" and opts.weight_dtype == "float16":
+                # the choice's transformed weights out of float16's range: the next best
+                unfit[chosen] = _half_reject(chosen, graph.param(node.args[1]), p)
+                if unfit[chosen] is None:
+                    del unfit[chosen]
+                    break
+                chosen = choose({a: t for a, t in times.items() if a not in unfit}, opts.margin)
             choices[name] = {"choice": chosen, "ms": {a: round(t, 4) for a, t in times.items()},
                              "speedup": round(times["direct"] / times[chosen], 3)}
+            if unfit:
+                choices[name]["not_float16"] = unfit
             if chosen != "direct":
                 planned.append((node, p, chosen))
         before = graph.copy() if planned and opts.by == "measure" else None

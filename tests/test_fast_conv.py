@@ -539,6 +539,13 @@ def test_select_by_model_with_float16_weights_models_half_their_bytes():
     assert picks["float32"]["choice"] == "direct" and records["float32"].lossless
     assert picks["float16"]["choice"] == "winograd2" and not records["float16"].lossless
     assert dict(g.gm.named_parameters())["0.winograd_u"].dtype == torch.float16
+    with torch.no_grad():
+        model[0].weight.fill_(1e5)  # U beyond float16's range: F(2,3) gives way
+    pm = slimfx.PassManager("select-conv-algo{by=model,weight_dtype=float16}")
+    pm.run(model, x)
+    pick = pm.records[0].stats["choices"]["0"]
+    assert pick["choice"] != "winograd2"
+    assert pick["not_float16"]["winograd2"].startswith("float16 U out of range")
 
 
 def test_half_spectrum_fft_is_lossy_within_its_bound_and_compiles():
