@@ -511,7 +511,13 @@ def test_half_u_pass_is_lossy_stores_half_the_bytes_and_skips_out_of_range_layer
     assert pm32.records[0].lossless and pm32.records[0].stats["layers"]["0"]["weight_dtype"] == "float32"
 
 
-def test_compiled_half_u_reads_float16_and_matches_its_graph():
+def test_compiled_half_u_reads_float16_and_matches_its_graph(tmp_path):
+    import os
+
+    import numpy as np
+
+    from slimfx.runtime import load
+
     torch.manual_seed(6)
     conv = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(32, 32, 3, padding=1)).eval()
@@ -523,6 +529,12 @@ def test_compiled_half_u_reads_float16_and_matches_its_graph():
     with torch.no_grad():
         assert _rel(cm(y), graph(y)) <= fc.WINOGRAD_TOLERANCE[4]
         assert _rel(cm(y), conv(y)) <= 2 * fc.HALF_ERROR["winograd4"]
+    # the artifact stores U in float16 (half the bytes on disk too) and runs the same
+    path = cm.save(tmp_path / "half_u")
+    with np.load(os.path.join(path, "params.npz")) as params:
+        dtypes = sorted(str(a.dtype) for a in params.values())
+    assert dtypes.count("float16") == 2  # the two U; the biases stay float32
+    torch.testing.assert_close(load(path)(y), cm(y), rtol=0, atol=0)
 
 
 def test_select_by_model_with_float16_weights_models_half_their_bytes():
