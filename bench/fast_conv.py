@@ -239,6 +239,14 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
                               f"{abs(built[a](y) - want).max() / abs(want).max():.1e}"]
                 else:
                     cells += ["-", "-", "-"]
+            # as select-conv-algo{by=model,weight_dtype=float16} decides, and what it measured
+            times = {"direct": ms["direct"], **{a[:-1]: v for a, v in half_ms.items()}}
+            pick = fc.choose({a: fc.estimate_ms(a, p, model=fc.MODEL if cold else fc.MODEL_WARM,
+                                                weight_bytes=2 if a != "direct" else 4)
+                              for a in times}, fc.SelectOptions().margin)
+            fastest = min(times, key=times.get)
+            cells += [f"{fastest} ({ms['direct'] / times[fastest]:.2f}x)",
+                      f"{pick} ({ms['direct'] / times[pick]:.2f}x)"]
         rows.append([f"{cin}", f"{size}", f"{k}x{k}", f"{ms['direct']:.3f}", *cells, best,
                      model_pick, f"{worst_err:.1e}",
                      "/".join(f"{weight_mb(a, cin, size, k):.1f}" for a in ms), gbps])
@@ -578,8 +586,8 @@ def main() -> None:
           "F(4,3) layer of 256 channels")
     print(f"the same kernel streaming 56.6 MB (the size of a 256-channel N=14 FFT spectrum, 58.7 "
           f"MB): {b_ms:.3f} ms = {b_gbps:.1f} GB/s")
-    half_cols = ["F(2,3)h", "ratio", "err", "F(4,3)h", "ratio", "err", "FFTh", "ratio", "err"] \
-        if args.half else []
+    half_cols = ["F(2,3)h", "ratio", "err", "F(4,3)h", "ratio", "err", "FFTh", "ratio", "err",
+                 "f16 fastest", "f16 model picks"] if args.half else []
     print(format_table(["C", "HxW", "kernel", "direct", "F(2,3)", "ratio", "F(4,3)", "ratio",
                         "FFT", "ratio", *half_cols, "fastest", "model picks", "parity err",
                         "weights MB", "GB/s"],
@@ -588,7 +596,9 @@ def main() -> None:
     print("weights MB: per call, each algorithm's (direct/F(2,3)/F(4,3)/FFT, or direct/FFT); "
           "GB/s: those bytes / its median time"
           + ("; F(m,3)h, FFTh: with float16 U / spectrum (half their bytes), err: the compiled "
-             "output's max error against direct's, relative to direct's largest magnitude"
+             "output's max error against direct's, relative to direct's largest magnitude; f16 "
+             "fastest / model picks: among direct and the float16 arms, the fastest measured and "
+             "select-conv-algo{by=model,weight_dtype=float16}'s pick (its measured ratio)"
              if args.half else ""))
     if fit:
         print(f"\ncost model refitted to these layers: {'MODEL_WARM' if args.warm else 'MODEL'} = {fit[0]}")
