@@ -403,36 +403,36 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
     return {"max_abs_error": d.max().item(), "rel_error": d.max().item() / scale}
 
 
-def transformed_weight(algo: str, weight: torch.Tensor, p: ConvParams, dtype=None,
-                       tile: int | None = None) -> torch.Tensor:
-    """What ``algo`` stores in place of ``weight``: Winograd's ``U``, or the FFT spectrum
-    (of ``tile``, or :func:`fft_tile`'s choice), rounded to ``dtype`` (default: the
-    weight's)."""
+def _transformed(algo: str, weight: torch.Tensor, p: ConvParams,
+                 tile: int | None = None) -> torch.Tensor:
+    """What ``algo`` ("winograd2", "winograd4", "fft") stores in place of ``weight``, in
+    float64: Winograd's ``U``, or the FFT spectrum (of ``tile``, or :func:`fft_tile`'s)."""
     if algo.startswith("winograd"):
-        return winograd_filter(weight, int(algo[-1]), dtype)
-    if algo != "fft":
-        raise ValueError(f"unknown convolution algorithm {algo!r}: {', '.join(ALGOS)}")
+        return winograd_filter(weight, int(algo[-1]), torch.float64)
     t = tile or fft_tile(p.kernel, p.out_shape[2], p.out_shape[3], p.cin, p.cout)
-    return fft_spectrum(weight, t + p.kernel - 1, dtype)
+    return fft_spectrum(weight, t + p.kernel - 1, torch.float64)
 
 
-def _half_reject(algo: str, weight: torch.Tensor, p: ConvParams, tile: int | None = None):
-    """Why ``algo``'s transformed ``weight`` cannot be float16 (``None``: it can)."""
-    values = transformed_weight(algo, weight, p, torch.float64, tile)
-    return half_problem(values, "U" if algo.startswith("winograd") else "spectrum")
+def _half_problem_of(algo: str, exact: torch.Tensor) -> str | None:
+    """Why ``algo``'s transformed weights ``exact`` (:func:`_transformed`) cannot be
+    float16 (``None``: they can)."""
+    return half_problem(exact, "U" if algo.startswith("winograd") else "spectrum")
 
 
 def _substitute(graph: Graph, node: torch.fx.Node, algo: str, p: ConvParams, x_in=None,
-                tile: int | None = None, weight_dtype: str = "float32") -> dict:
+                tile: int | None = None, weight_dtype: str = "float32",
+                exact: torch.Tensor | None = None) -> dict:
     """Replace conv ``node`` by ``algo`` ("winograd2", "winograd4", "fft"); returns its
-    record.  ``weight_dtype``: the dtype its transformed weights are stored in."""
+    record.  ``weight_dtype``: the dtype its transformed weights are stored in, rounded
+    once from ``exact`` (:func:`_transformed`, computed here unless the caller has it)."""
     w_node, b_node = node.args[1], node.args[2]
     w = graph.param(w_node)
     path = _layer_name(node)
     if algo not in ALGOS:
         raise GraphError(f"unknown convolution algorithm {algo!r}", node)
-    dtype = WEIGHT_DTYPES[weight_dtype] if weight_dtype != "float32" else None
-    value = transformed_weight(algo, w, p, dtype, tile)
+    if exact is None:
+        exact = _transformed(algo, w, p, tile)
+    value = exact.to(WEIGHT_DTYPES[weight_dtype] if weight_dtype != "float32" else w.dtype)
     if algo.startswith("winograd"):
         t = int(algo[-1])
         new_w = graph.add_param(f"{path}.winograd_u", value, before=node)
@@ -485,26 +485,34 @@ def _check_exclude(graph: Graph, exclude) -> None:
                              f"{sorted(_layer_name(n) for n in _convs(graph))})")
 
 
-def _substitute_all(graph: Graph, exclude, reject, algo: str, **kw) -> PassResult:
+def _substitute_all(graph: Graph, exclude, reject, algo: str, tile: int | None = None,
+                    weight_dtype: str = "float32") -> PassResult:
     """Replace every eligible convolution by ``algo``: those ``conv_params`` accepts, that
-    ``reject(params, weight)`` does not refuse (it returns the reason) and that are not excluded;
-    the others are listed with their reason."""
+    ``reject(params)`` does not refuse (it returns the reason), that are not excluded and,
+    with ``weight_dtype=float16``, whose transformed weights fit float16; the others are
+    listed with their reason."""
     _check_exclude(graph, exclude)
     eligible, skipped = [], {}
     for node in _convs(graph):
         p, why = conv_params(graph, node)
         if p is not None:
-            why = reject(p, graph.param(node.args[1]))
+            why = reject(p)
             p = p if why is None else None
         if _layer_name(node) in exclude:
             p, why = None, "excluded"
+        exact = None
+        if p is not None and weight_dtype == "float16":
+            exact = _transformed(algo, graph.param(node.args[1]), p, tile)
+            why = _half_problem_of(algo, exact)
+            p = p if why is None else None
         if p is None:
             skipped[_layer_name(node)] = why
         else:
-            eligible.append((node, p))
-    inputs = _conv_inputs(graph, [n for n, _ in eligible]) if eligible else {}
-    records = {_layer_name(node): _substitute(graph, node, algo, p, inputs[node.name], **kw)
-               for node, p in eligible}
+            eligible.append((node, p, exact))
+    inputs = _conv_inputs(graph, [n for n, _, _ in eligible]) if eligible else {}
+    records = {_layer_name(node): _substitute(graph, node, algo, p, inputs[node.name], tile=tile,
+                                              weight_dtype=weight_dtype, exact=exact)
+               for node, p, exact in eligible}
     return _finish(graph, records, skipped)
 
 
@@ -549,14 +557,11 @@ class WinogradPass(Pass):
         return WINOGRAD_TOLERANCE[self.options.tile]
 
     def run(self, graph: Graph) -> PassResult:
-        algo, dtype = f"winograd{self.options.tile}", self.options.weight_dtype
+        def reject(p):
+            return f"kernel {p.kernel}x{p.kernel} (Winograd F(m,3) needs 3x3)" if p.kernel != 3 else None
 
-        def reject(p, weight):
-            if p.kernel != 3:
-                return f"kernel {p.kernel}x{p.kernel} (Winograd F(m,3) needs 3x3)"
-            return _half_reject(algo, weight, p) if dtype == "float16" else None
-
-        return _substitute_all(graph, self.options.exclude, reject, algo, weight_dtype=dtype)
+        return _substitute_all(graph, self.options.exclude, reject, f"winograd{self.options.tile}",
+                               weight_dtype=self.options.weight_dtype)
 
 
 # --------------------------------------------------------------------------- fft
@@ -599,15 +604,14 @@ class FFTConvPass(Pass):
         self.lossless = self.options.weight_dtype == "float32"  # as WinogradPass
 
     def run(self, graph: Graph) -> PassResult:
-        k, tile, dtype = self.options.min_kernel, self.options.tile or None, self.options.weight_dtype
+        k = self.options.min_kernel
 
-        def reject(p, weight):
-            if p.kernel < k:
-                return f"kernel {p.kernel} < min_kernel {k}"
-            return _half_reject("fft", weight, p, tile) if dtype == "float16" else None
+        def reject(p):
+            return f"kernel {p.kernel} < min_kernel {k}" if p.kernel < k else None
 
-        return _substitute_all(graph, self.options.exclude, reject, "fft", tile=tile,
-                               weight_dtype=dtype)
+        return _substitute_all(graph, self.options.exclude, reject, "fft",
+                               tile=self.options.tile or None,
+                               weight_dtype=self.options.weight_dtype)
 
 
 # --------------------------------------------------------------------------- selection
@@ -896,26 +900,28 @@ class SelectConvAlgo(Pass):
                                         model=MODEL if opts.cold else MODEL_WARM,
                                         weight_bytes=WEIGHT_DTYPES[opts.weight_dtype].itemsize)
                          for a in ["direct", *cands]}
-            chosen, unfit = choose(times, opts.margin), {}
+            chosen, unfit, exact = choose(times, opts.margin), {}, None
             while chosen != "direct" and opts.weight_dtype == "float16":
                 # the choice's transformed weights out of float16's range: the next best
-                unfit[chosen] = _half_reject(chosen, graph.param(node.args[1]), p)
+                exact = _transformed(chosen, graph.param(node.args[1]), p)
+                unfit[chosen] = _half_problem_of(chosen, exact)
                 if unfit[chosen] is None:
                     del unfit[chosen]
                     break
-                chosen = choose({a: t for a, t in times.items() if a not in unfit}, opts.margin)
+                chosen, exact = choose({a: t for a, t in times.items() if a not in unfit},
+                                       opts.margin), None
             choices[name] = {"choice": chosen, "ms": {a: round(t, 4) for a, t in times.items()},
                              "speedup": round(times["direct"] / times[chosen], 3)}
             if unfit:
                 choices[name]["not_float16"] = unfit
             if chosen != "direct":
-                planned.append((node, p, chosen))
+                planned.append((node, p, chosen, exact))
         before = graph.copy() if planned and opts.by == "measure" else None
-        inputs = _conv_inputs(graph, [n for n, _, _ in planned]) if planned else {}
+        inputs = _conv_inputs(graph, [n for n, *_ in planned]) if planned else {}
         records = {}
-        for node, p, algo in planned:
+        for node, p, algo, exact in planned:
             records[_layer_name(node)] = _substitute(graph, node, algo, p, inputs[node.name],
-                                                     weight_dtype=opts.weight_dtype)
+                                                     weight_dtype=opts.weight_dtype, exact=exact)
         result = _finish(graph, records, skipped)
         if before is not None:
             # Layers are timed in a frame, not in their model (residual adds and ReLUs fuse
