@@ -21,7 +21,8 @@ number of SGD steps on the same batch sequence):
   end on each slimfx gradual arm's MACs (one run per distinct MAC count); and once more
   one-shot, its ratio searched for the most MACs within the same budget as slimfx's
   one-shot arms (keep x the baseline's MACs), so that each slimfx method meets
-  Torch-Pruning with the same schedule at (nearly) equal MACs: with channels kept in multiples of 8 or 16, neither can hit every MAC count.
+  Torch-Pruning with the same schedule at (nearly) equal MACs: with channels kept in
+  multiples of 8 or 16, neither can hit every MAC count.
 
 slimfx prunes and fine-tunes the captured graph (``graph.gm``), whose BatchNorms are in
 inference form: fine-tuning it as is trains weights and BN affine parameters with the

@@ -19,7 +19,7 @@ as ``prune-channels`` gives them), and zoo models at small inputs.  Each build i
 against PyTorch.  Medians over rounds of each round's median, and the ratio of the medians.
 
     python bench/serial_small.py [--rounds 9] [--no-layers] [--no-models]
-                                 [--candidate BELOW,ELEMENTS] [--zoo NAME:SIZE,...]
+                                 [--candidate BELOW,ELEMENTS[,REUSED]] [--zoo NAME:SIZE,...]
 """
 
 from __future__ import annotations
