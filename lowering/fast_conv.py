@@ -16,7 +16,9 @@ Winograd F(m x m, 3 x 3) becomes three kernels (``alpha = m + 2``, ``P`` tiles):
    one contiguous stream read once from memory (and re-read from L1 by further row tiles).
    With few tiles (deep layers on 7x7 or 14x14 maps) the kernel is bound by reading
    ``U``, ``alpha^2 / 9`` times the direct weights: ``bench/fast_conv.py`` prints the
-   streaming floor;
+   streaming floor.  There (F(4,3), float32, at most :data:`FACTOR_TILES` tiles) it reads
+   the half-transformed ``H = G g`` instead, half the bytes, and forms each vector of ``U``
+   from three of ``H`` as it loads it (:func:`factored_weights`);
 3. output transform ``Y = A^T M_p A + bias`` per ``m x m`` output tile, written in the
    blocked ``NCHW{c}c`` layout its consumers use (``NCHW`` when none does), with the
    element-wise ops after it fused (ReLU, residual add): unrolled over the tile,
@@ -82,6 +84,16 @@ _ROLE = "slimfx.winograd"
 #: (``bench/fast_conv.py --packing``).  Read when a graph is lowered.
 PACK_U = True
 
+#: Where an F(4,3) layer has at most :data:`FACTOR_TILES` tiles (a deep layer on a small map:
+#: 16 tiles at 14x14), its float32 GEMM reads the half-transformed weights ``H = G g``
+#: (``alpha x 3`` per channel pair, half of ``U``'s ``alpha x alpha``) and forms each
+#: ``U[(eps, nu)] = sum_b H[eps, b] G[nu, b]`` as it loads it: with so few tiles to reuse
+#: each weight, the GEMM streams ``U`` from memory, and half the bytes outweigh the few
+#: adds (:func:`factored_weights`).  False keeps ``U`` (``bench/fast_conv.py --ab FACTOR_U``).
+#: Read when a graph is lowered.
+FACTOR_U = True
+FACTOR_TILES = 16
+
 
 def _select(matrix: np.ndarray, row, col: int):
     """``matrix[row, col]`` for a symbolic ``row`` and a constant ``col``: a Select chain
@@ -121,6 +133,37 @@ def _row_times(matrix: np.ndarray, row, term):
     return val
 
 
+def factors_u(m: int, tiles: int, dtype: str = "float32") -> bool:
+    """Whether an F(m, 3) layer of ``tiles`` tiles (batch included) with transformed
+    weights of ``dtype`` reads them factored (:data:`FACTOR_U`).  Float16 ``U`` is not
+    factored: ``H`` recovered from the rounded ``U`` and rounded again would not compute
+    what the graph's float16 ``U`` does.
+
+    >>> factors_u(4, 16), factors_u(4, 49), factors_u(2, 16), factors_u(4, 16, "float16")
+    (True, False, False, False)
+    """
+    return FACTOR_U and m == 4 and tiles <= FACTOR_TILES and dtype == "float32"
+
+
+def factored_weights(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(P, G1, c)`` of the factored transformed weights of Winograd F(m, 3) (float64).
+
+    ``G = diag(c) G1``: each row of ``G`` scaled so its first nonzero is 1 (``[1, p, p^2]``
+    for a point ``p``, ``[0, 0, 1]`` at infinity).  ``H = U P`` recovers ``H = G g`` from
+    ``U = G g G^T`` (``G^T P = I``); then ``U = H G1^T diag(c)``.  The GEMM reads ``H`` and
+    forms ``U1 = H G1^T`` (adds and small multiples), and the input transform scales its
+    columns by ``c`` (``V diag(c)``), so ``(V diag(c)) * U1 = V * U`` point by point.
+
+    >>> p, g1, c = factored_weights(4)
+    >>> _, g, _ = (t.numpy() for t in winograd_matrices(4))
+    >>> bool(np.allclose(g.T @ p, np.eye(3)) and np.allclose(np.diag(c) @ g1, g))
+    True
+    """
+    _, g, _ = (t.numpy() for t in winograd_matrices(m, 3))
+    lead = np.array([row[np.flatnonzero(row)[0]] for row in g])
+    return g @ np.linalg.inv(g.T @ g), g / lead[:, None], lead
+
+
 # --------------------------------------------------------------------------- winograd TE
 #: The input transform reads a blocked input where it lies, border loads guarded, instead
 #: of first copying it into a zero-padded ``NHWC`` buffer (``NCHW`` inputs keep the copy:
@@ -153,8 +196,9 @@ INPUT_ROWS_BLOCK = "wino_in_rows"
 OUTPUT_ROWS_BLOCK = "wino_out_rows"
 
 
-def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int):
-    """``x`` is ``NCHW`` or channel-blocked ``NCHW{cb}c`` (5-D)."""
+def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int, factored: bool = False):
+    """``x`` is ``NCHW`` or channel-blocked ``NCHW{cb}c`` (5-D); ``factored``: the columns
+    of ``V`` scaled by :func:`factored_weights`' ``c``, for a GEMM that reads ``H``."""
     from tvm import te, tirx
 
     if len(x.shape) == 5:
@@ -190,8 +234,9 @@ def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int):
 
     bd = te.compute((alpha, alpha, n * th * tw, ci), rows, name=INPUT_ROWS_BLOCK)
     # V[(eps, nu)] = ((B^T d) B)[eps, nu] = sum_j (B^T d)[eps, j] B^T[nu, j]
+    cols = bt * factored_weights(m)[2][:, None].astype("float32") if factored else bt
     return te.compute((alpha * alpha, n * th * tw, ci),
-                      lambda e, p, c: _row_times(bt, e % alpha, lambda j: bd[e // alpha, j, p, c]),
+                      lambda e, p, c: _row_times(cols, e % alpha, lambda j: bd[e // alpha, j, p, c]),
                       name=INPUT_BLOCK)
 
 
@@ -226,6 +271,25 @@ def _batch_gemm_te(v, u, name: str = GEMM_BLOCK):
         (max(bv, bu), rows, cols),
         lambda e, i, j: te.sum(v[e if bv > 1 else 0, i, rk] * ue(e, rk, j), axis=rk),
         name=name)
+
+
+def _factored_gemm_te(v, h, g1: np.ndarray, name: str = GEMM_BLOCK):
+    """``out[(eps, nu)] = v[(eps, nu)] @ U1[(eps, nu)]`` with ``U1[(eps, nu)] = sum_b
+    g1[nu, b] H[eps, b]`` formed as it is loaded from ``h``, packed ``(alpha, cols / nb,
+    3, K, nb)``: the three column panels of ``H[eps]`` that any ``U1[(eps, nu)]`` needs,
+    contiguous (:func:`factored_weights`)."""
+    from tvm import te
+
+    _, rows, k = cs._ints(v.shape)
+    alpha, panels, r, _, nb = cs._ints(h.shape)
+    rk = te.reduce_axis((0, k), name="k")
+
+    def ue(e, kk, j):
+        return _row_times(g1, e % alpha,
+                          lambda b: h[e // alpha, j // nb, b, kk, j % nb].astype(v.dtype))
+
+    return te.compute((alpha * alpha, rows, panels * nb),
+                      lambda e, i, j: te.sum(v[e, i, rk] * ue(e, rk, j), axis=rk), name=name)
 
 
 def gemm_panel(rows: int, cols: int) -> int:
@@ -287,17 +351,30 @@ def _lower_winograd(node, importer):
     # (alpha, alpha, Cout, Cin) -> (alpha^2, Cout / nb, Cin, nb): panels of nb output
     # channels, each contiguous so the GEMM streams it; weight-only, lifted to load time.
     tiles = n * -(-ho // m) * -(-wo // m)
-    if PACK_U:
+    factored = PACK_U and factors_u(m, tiles, str(u.ty.dtype))
+    if factored:  # H = U P: (alpha, alpha, Cout, Cin) -> (alpha, Cout / nb, 3, Cin, nb)
+        p_mat, g1, _ = factored_weights(m)
+        nb = gemm_panel(tiles, co)
+        h = relax.op.matmul(relax.op.permute_dims(u, [0, 2, 3, 1]),
+                            relax.const(p_mat.astype("float32")))
+        u2 = bb.emit(relax.op.permute_dims(
+            relax.op.reshape(h, (alpha, co // nb, nb, ci, r)), [0, 1, 4, 3, 2]))
+    elif PACK_U:
         nb = gemm_panel(tiles, co)
         u2 = bb.emit(relax.op.permute_dims(
             relax.op.reshape(u, (alpha * alpha, co // nb, nb, ci)), [0, 1, 3, 2]))
     else:  # (alpha^2, Cin, Cout): blocks of columns read with a row stride of Cout
         u2 = bb.emit(relax.op.permute_dims(relax.op.reshape(u, (alpha * alpha, co, ci)), [0, 2, 1]))
     # (the transform matrices are constants of the computes, not tensors: closures)
-    v = bb.emit_te(lambda d: _winograd_input_te(d, bt, m, ph, pw), x,
+    v = bb.emit_te(lambda d: _winograd_input_te(d, bt, m, ph, pw, factored), x,
                    primfunc_name_hint="winograd_input",
-                   primfunc_attrs={_ROLE: "input", "slimfx.tile": m, "slimfx.padding": [ph, pw]})
-    mm = bb.emit_te(_batch_gemm_te, v, u2, primfunc_name_hint="winograd_matmul")
+                   primfunc_attrs={_ROLE: "input", "slimfx.tile": m, "slimfx.padding": [ph, pw],
+                                   "slimfx.factored": int(factored)})
+    if factored:
+        mm = bb.emit_te(lambda a, b: _factored_gemm_te(a, b, g1.astype("float32")), v, u2,
+                        primfunc_name_hint="winograd_matmul")
+    else:
+        mm = bb.emit_te(_batch_gemm_te, v, u2, primfunc_name_hint="winograd_matmul")
     # Fusion pattern "out-elementwise-fusable" (4), as a convolution: ReLU, bias and residual
     # adds fuse into the output transform, but never the next layer's input transform.
     return bb.emit_te(lambda mt, b: _winograd_output_te(mt, b, at, n, ho, wo), mm, bias,
@@ -420,9 +497,10 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     # (:func:`cpu_schedules.prefetch_next_task`).
     e, i, j, k = sch.get_loops(block)
     rows, cols, k_extent = cs._extent(sch, i), cs._extent(sch, j), cs._extent(sch, k)
-    packed = [r.source for r in sch.get(block).reads if len(r.source.shape) == 4]
+    packed = [r.source for r in sch.get(block).reads if len(r.source.shape) >= 4]
+    factored = bool(packed) and len(packed[0].shape) == 5  # H: (alpha, cols / nb, 3, K, nb)
     if packed:  # U packed as (batch, cols / nb, K, nb)
-        nb = int(packed[0].shape[3])
+        nb = int(packed[0].shape[-1])
     else:
         nb = 2 * lanes if cols % (2 * lanes) == 0 else cols
     vec = lanes if nb % lanes == 0 else cs._largest_divisor(nb, lanes)
@@ -435,25 +513,33 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     nv = nb // vec
     jo, jv, ji = sch.split(j, [None, nv, vec])
     io, ii = sch.split(i, [None, ri])
+    # factored: a task is (eps, panel), its alpha points nu unrolled (the coefficients
+    # forming U from H fold) and reading the same panels of H
+    outer, inner = (sch.split(e, [None, math.isqrt(cs._extent(sch, e))]) if factored
+                    else (e, None))
+    first = [jo] if inner is None else [jo, inner]
     if nv > max_nv:
         jvo, jv = sch.split(jv, [None, cs._largest_divisor(nv, max_nv)])
-        sch.reorder(e, jo, jvo, io, k, ii, jv, ji)
-        between = [jvo, io]
+        sch.reorder(outer, *first, jvo, io, k, ii, jv, ji)
+        between = [*first[1:], jvo, io]
     else:
-        sch.reorder(e, jo, io, k, ii, jv, ji)
-        between = [io]
+        sch.reorder(outer, *first, io, k, ii, jv, ji)
+        between = [*first[1:], io]
     acc = sch.cache_write(block, 0, _acc_scope())
     sch.reverse_compute_at(acc, io)
-    task = sch.fuse(e, jo)
+    task = sch.fuse(outer, jo)
     sch.parallel(task)
+    if inner is not None:
+        sch.unroll(inner)
     sch.vectorize(ji)
     sch.unroll(jv)
     sch.unroll(ii)
     sch.decompose_reduction(block, k)
     sch.vectorize(sch.get_loops(acc)[-1])
     # task (point, panel) reads panel ``task`` of U: prefetch the next one
-    if packed and cs._extent(sch, task) * k_extent * nb == math.prod(cs._ints(packed[0].shape)):
-        cs.prefetch_next_task(sch, task, between, k, packed[0], k_extent * nb)
+    span = math.prod(cs._ints(packed[0].shape)) // cs._extent(sch, task) if packed else 0
+    if packed and span % (k_extent * nb) == 0:
+        cs.prefetch_next_task(sch, task, between, k, packed[0], span)
 
 
 def _schedule_complex_gemm(sch, block, lanes: int) -> None:
@@ -868,8 +954,9 @@ def blocked_winograd(mod, lanes: int):
                     if twin is None:
                         return False
                     ph, pw = (int(p) for p in r[1]["slimfx.padding"])
+                    fac = bool(int(r[1].get("slimfx.factored", 0)))
                     var = self.builder_.emit_te(
-                        lambda d: _winograd_input_te(d, bt, m, ph, pw), twin[0],
+                        lambda d: _winograd_input_te(d, bt, m, ph, pw, fac), twin[0],
                         primfunc_name_hint="winograd_input",
                         primfunc_attrs={_ROLE: "input_blocked"})
                     self.set_var_remap(binding.var, var)

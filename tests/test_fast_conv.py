@@ -351,6 +351,51 @@ def test_compiled_small_maps_use_packed_panels_and_match_direct(algo, cin, cout,
     assert lf.gemm_panel(4, 64) == 64 and lf.gemm_panel(9, 48) == 16
 
 
+@pytest.mark.parametrize("n,cin,cout,size,factored", [
+    (1, 16, 32, 14, True),   # 16 tiles: H, (alpha, Cout / nb, 3, Cin, nb)
+    (4, 8, 16, 7, True),     # batch 4 x 4 tiles
+    (1, 16, 32, 28, False),  # 49 tiles: U, each weight reused enough to be read whole
+])
+def test_f43_on_few_tiles_reads_half_transformed_weights(n, cin, cout, size, factored, monkeypatch):
+    """F(4,3) with few tiles reads H = G g (alpha x 3, half of U) and forms U in its GEMM;
+    two such layers in a row (the second's input transform reads the blocked layout and
+    scales V's columns too) match direct, as with FACTOR_U off."""
+    from slimfx.lowering import fast_conv as lf
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(cout, cout, 3, padding=1)).eval()
+    x = torch.randn(n, cin, size, size)
+    tol = fc.WINOGRAD_TOLERANCE[4]
+    with torch.no_grad():
+        want = model(x)
+    shapes = {}
+    for on in (True, False):
+        monkeypatch.setattr(lf, "FACTOR_U", on)
+        cm = slimfx.compile(model, x, pipeline="winograd{tile=4}", atol=tol)
+        assert cm.manifest["build"]["kernels"].get("winograd_gemm") == 2  # the hand schedule
+        assert _rel(cm(x), want) <= tol
+        prof = cm.profile(x.numpy(), repeat=1, warmup=0)
+        shapes[on] = {k.shapes.split()[1] for k in prof.kernels if k.name.startswith("winograd_matmul")}
+    nb = lf.gemm_panel(n * -(-size // 4) ** 2, cout)
+    h = {f"6x{cout // nb}x3x{c}x{nb}" for c in (cin, cout)}
+    u = {f"36x{cout // nb}x{c}x{nb}" for c in (cin, cout)}
+    assert shapes == {True: h if factored else u, False: u}
+
+
+def test_select_by_model_counts_half_the_bytes_of_factored_f43(monkeypatch):
+    """256 channels at 14x14 (16 tiles): the factored F(4,3) reads half of U's 9.4 MB, so
+    the cold model picks it over F(2,3) (with U whole, it picked F(2,3))."""
+    from slimfx.lowering import fast_conv as lf
+
+    p = fc.ConvParams(256, 256, 3, (1, 1), (1, 256, 14, 14), (1, 256, 14, 14))
+    picks = {}
+    for on in (True, False):
+        monkeypatch.setattr(lf, "FACTOR_U", on)
+        picks[on] = fc.choose({a: fc.estimate_ms(a, p) for a in ("direct", *fc.ALGOS)}, 1.05)
+    assert picks == {True: "winograd4", False: "winograd2"}
+
+
 def test_unpacked_weight_layout_still_compiles_and_matches(monkeypatch):
     # PACK_U=False (U as (alpha^2, Cin, Cout), the A/B baseline of bench/fast_conv.py)
     from slimfx.lowering import fast_conv as lf
@@ -445,7 +490,7 @@ def test_winograd_reads_and_writes_the_blocked_layout(tile, monkeypatch):
 
 
 def test_select_by_model_cold_false_uses_the_warm_constants():
-    """cold=false: the constants fitted with weights in cache, where F(2,3) wins on 256
+    """cold=false: the constants fitted with weights in cache, where Winograd wins on 256
     channels at 7x7 (weights from memory, it loses and the layer stays direct)."""
     model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.ReLU()).eval()
     x = torch.randn(1, 256, 7, 7)
@@ -454,14 +499,15 @@ def test_select_by_model_cold_false_uses_the_warm_constants():
         pm = slimfx.PassManager(f"select-conv-algo{{by=model,cold={str(cold).lower()}}}")
         pm.run(model, x)
         picks[cold] = pm.records[0].stats["choices"]["0"]
-    assert picks[True]["choice"] == "direct" and picks[False]["choice"] == "winograd2"
+    assert picks[True]["choice"] == "direct" and picks[False]["choice"] != "direct"
     from slimfx.lowering import host_target
 
     t = host_target()
     p = fc.ConvParams(256, 256, 3, (1, 1), (1, 256, 7, 7), (1, 256, 7, 7))
-    warm = fc.estimate_ms("winograd2", p, vector_bits=t.vector_bits, cores=t.num_cores,
-                          model=fc.MODEL_WARM)
-    assert picks[False]["ms"]["winograd2"] == round(warm, 4)
+    for algo in ("winograd2", "winograd4"):
+        warm = fc.estimate_ms(algo, p, vector_bits=t.vector_bits, cores=t.num_cores,
+                              model=fc.MODEL_WARM)
+        assert picks[False]["ms"][algo] == round(warm, 4)
 
 
 # --------------------------------------------------------------------------- float16 U
