@@ -881,7 +881,7 @@ _LINE_BYTES = 64
 
 
 def prefetch_next_task(sch, task_loop, loops: list, reduction, buffer, span: int,
-                       share: int = 1) -> bool:
+                       share: int = 1, min_bytes: int | None = None) -> bool:
     """Prefetch (into L2) the weights the next tasks of the parallel ``task_loop`` read while
     the current ones run.  Task ``f`` reads weight block ``f // share`` of ``buffer``: the
     ``span`` contiguous elements from flat offset ``(f // share) * span`` (a packed panel, a
@@ -895,7 +895,7 @@ def prefetch_next_task(sch, task_loop, loops: list, reduction, buffer, span: int
     where those would get more than ``PREFETCH_LINES[1]``), or of ``reduction`` split by
     :data:`PREFETCH_STEP` where even the deepest loop's points would: a few lines at each
     point, so the memory traffic overlaps the arithmetic instead of stalling the first pass
-    over a block.  The prefetches are the last change to the schedule
+    over a block.  ``min_bytes`` replaces :data:`PREFETCH_MIN_BYTES`.  The prefetches are the last change to the schedule
     (``ScheduleState.replace``, not in its trace: a kernel made serial by replaying the
     trace runs without them); LLVM keeps register tiles in registers through the inner,
     prefetch-free loops (a prefetch inside the register tile's loop made it store its
@@ -911,7 +911,8 @@ def prefetch_next_task(sch, task_loop, loops: list, reduction, buffer, span: int
     elem = tvm.DataType(str(buffer.dtype)).bits // 8
     numel, tasks = math.prod(shape), _extent(sch, task_loop)
     extents = [_extent(sch, lp) for lp in loops]
-    if not tasks or tasks < 2 or numel * elem < PREFETCH_MIN_BYTES or numel % span \
+    least = PREFETCH_MIN_BYTES if min_bytes is None else min_bytes
+    if not tasks or tasks < 2 or numel * elem < least or numel % span \
             or any(e is None for e in extents):
         return False
     lines = -(-span * elem // _LINE_BYTES)

@@ -94,6 +94,14 @@ PACK_U = True
 FACTOR_U = True
 FACTOR_TILES = 16
 
+#: The transform-domain GEMMs prefetch the next task's weights from :data:`PREFETCH_BYTES`
+#: of them, where other kernels start at ``cpu_schedules.PREFETCH_MIN_BYTES`` (1 MB): a
+#: GEMM task reuses its panel for a few row tiles only, so even a 64-channel layer's ``U``
+#: (590 KB) stalls it when it comes from memory.  False: the 1 MB of the other kernels
+#: (``bench/fast_conv.py --ab PREFETCH_SMALL``).  Read when a kernel is scheduled.
+PREFETCH_SMALL = True
+PREFETCH_BYTES = 1 << 17
+
 
 def _select(matrix: np.ndarray, row, col: int):
     """``matrix[row, col]`` for a symbolic ``row`` and a constant ``col``: a Select chain
@@ -488,6 +496,10 @@ def _tile_of(sch, block) -> int:
         raise LoweringError(f"Winograd output block '{name}' does not name its tile") from None
 
 
+def _prefetch_bytes() -> int | None:
+    return PREFETCH_BYTES if PREFETCH_SMALL else None
+
+
 def _schedule_gemm(sch, block, lanes: int) -> None:
     # rows (tiles) x up to 4 vectors of output channels in registers (16 accumulators at
     # most), the reduction over input channels outside them; parallel over (point, column
@@ -539,7 +551,7 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     # task (point, panel) reads panel ``task`` of U: prefetch the next one
     span = math.prod(cs._ints(packed[0].shape)) // cs._extent(sch, task) if packed else 0
     if packed and span % (k_extent * nb) == 0:
-        cs.prefetch_next_task(sch, task, between, k, packed[0], span)
+        cs.prefetch_next_task(sch, task, between, k, packed[0], span, min_bytes=_prefetch_bytes())
 
 
 def _schedule_complex_gemm(sch, block, lanes: int) -> None:
@@ -576,7 +588,7 @@ def _schedule_complex_gemm(sch, block, lanes: int) -> None:
     w = next(r.source for r in sch.get(block).reads
              if len(r.source.shape) == 5 and not r.source.same_as(local))
     _, _, ci, _, nb_w = cs._ints(w.shape)  # task (frequency, panel) reads one panel
-    cs.prefetch_next_task(sch, task, between, k, w, ci * 2 * nb_w)
+    cs.prefetch_next_task(sch, task, between, k, w, ci * 2 * nb_w, min_bytes=_prefetch_bytes())
 
 
 def _schedule_fft_forward_y(sch, block, lanes: int) -> None:

@@ -165,8 +165,35 @@ def test_weight_streams_are_prefetched(kind, monkeypatch):
         outs.append(args[-1].numpy())
     assert np.abs(outs[0]).max() > 0 and np.array_equal(outs[0], outs[1])
     assert bool(blocked) == (kind == "conv-blocked")
+    from slimfx.lowering import fast_conv as lf
+
+    monkeypatch.setattr(cs, "PREFETCH_NEXT_TASK", True)
     monkeypatch.setattr(cs, "PREFETCH_MIN_BYTES", 1 << 30)  # weights below the threshold
+    monkeypatch.setattr(lf, "PREFETCH_BYTES", 1 << 30)  # (the transform-domain GEMMs' own)
     assert "llvm.prefetch" not in cs.schedule_primfunc(func, info).script()
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_transform_domain_gemms_prefetch_smaller_weights(small, monkeypatch):
+    """A 64-channel F(4,3) U (590 KB) is under the 1 MB from which other kernels prefetch;
+    the Winograd GEMM prefetches it (PREFETCH_SMALL), a direct conv's 1 MB does not."""
+    from tvm import te
+
+    from slimfx.lowering import fast_conv as lf
+
+    monkeypatch.setattr(lf, "PREFETCH_SMALL", small)
+    info = host_target()
+    v = te.placeholder((36, 49, 64), name="v")
+    u = te.placeholder((36, 2, 64, 32), name="u")
+    f = cs.schedule_primfunc(te.create_prim_func([v, u, lf._batch_gemm_te(v, u)]), info)
+    assert ("llvm.prefetch" in f.script()) == small
+    data = te.placeholder((1, 16, 14, 14, 16), name="data")  # 256 -> 64 channels: 590 KB
+    kernel = te.placeholder((4, 16, 3, 3, 16, 16), name="kernel")
+    conv = te.create_prim_func([data, kernel, cs._conv_nchwc_te(data, kernel, (1, 1),
+                                                                (1, 1, 1, 1), (1, 1), False)])
+    assert "llvm.prefetch" not in cs.schedule_primfunc(conv, info).script()
+    monkeypatch.setattr(cs, "PREFETCH_MIN_BYTES", 1 << 19)
+    assert "llvm.prefetch" in cs.schedule_primfunc(conv, info).script()
 
 
 def test_prefetch_in_compiled_models(monkeypatch):
