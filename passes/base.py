@@ -56,7 +56,10 @@ class Pass:
     name: the registered name used in pipelines.
     Options: a dataclass of typed options (``NoOptions`` by default).
     lossless: ``True`` if the output must match the input within ``atol`` (relative to the
-        output's magnitude); a lossy pass only has its error reported.
+        output's magnitude); a lossy pass only has its error reported.  A pass whose options
+        decide it sets ``self.lossless`` in ``__init__``, the class attribute giving its
+        default options' answer.
+    lossy_when: for such a pass, the options that make it lossy (``slimfx passes`` shows it).
     atol: tolerance for lossless verification.
     requires: names of passes that must run earlier in the same pipeline.
     """
@@ -64,6 +67,7 @@ class Pass:
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     lossless: ClassVar[bool] = True
+    lossy_when: ClassVar[str] = ""
     atol: ClassVar[float] = 1e-5
     requires: ClassVar[tuple[str, ...]] = ()
 

@@ -304,6 +304,8 @@ class Factorize(Pass):
     Lossless (verified to 1e-4) at ``rank=full``; lossy otherwise (output error recorded).
     """
 
+    lossy_when = "rank other than full"
+
     def __init__(self, options: FactorizeOptions | None = None, **kw):
         super().__init__(options, **kw)
         self.lossless = self.options.rank == "full"  # the manager verifies or records

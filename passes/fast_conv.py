@@ -541,11 +541,13 @@ class WinogradOptions:
 
 @register_pass("winograd")
 class WinogradPass(Pass):
-    """Replace 3x3 stride-1 convolutions by Winograd F(tile x tile, 3 x 3); lossy with
-    weight_dtype=float16."""
+    """Replace 3x3 stride-1 convolutions by Winograd F(tile x tile, 3 x 3).
+
+    Lossless (verified at the tile's tolerance); lossy with weight_dtype=float16."""
 
     Options = WinogradOptions
     lossless = True
+    lossy_when = "weight_dtype=float16"
 
     def __init__(self, options: WinogradOptions | None = None, **kw):
         super().__init__(options, **kw)
@@ -594,10 +596,12 @@ class FFTConvOptions:
 
 @register_pass("fft-conv", lossless=True, atol=FFT_TOLERANCE)
 class FFTConvPass(Pass):
-    """Replace stride-1 convolutions with kernels of ``min_kernel`` and up by FFT
-    convolution; lossy with weight_dtype=float16."""
+    """Replace stride-1 convolutions with kernels of min_kernel and up by FFT convolution.
+
+    Lossless (verified at :data:`FFT_TOLERANCE`); lossy with weight_dtype=float16."""
 
     Options = FFTConvOptions
+    lossy_when = "weight_dtype=float16"
 
     def __init__(self, options: FFTConvOptions | None = None, **kw):
         super().__init__(options, **kw)
@@ -860,11 +864,14 @@ def _alternate(built: dict, inputs, repeat: int, rounds: int,
 
 @register_pass("select-conv-algo")
 class SelectConvAlgo(Pass):
-    """Choose direct, Winograd or FFT per convolution by measuring (or a cost model); lossy
-    with weight_dtype=float16."""
+    """Choose direct, Winograd or FFT per convolution by measuring (or a cost model).
+
+    Lossless (verified at its algorithms' loosest tolerance); lossy with
+    weight_dtype=float16."""
 
     Options = SelectOptions
     lossless = True
+    lossy_when = "weight_dtype=float16"
 
     def __init__(self, options: SelectOptions | None = None, **kw):
         super().__init__(options, **kw)

@@ -203,8 +203,13 @@ def _cmd_passes(args) -> int:
     for mod in args.load or ():
         _import_module(mod)
     for name, cls in list_passes().items():
-        doc = (cls.__doc__ or "").strip().splitlines()
+        # the docstring's first paragraph, on one line
+        doc = [" ".join(line.strip() for line in
+                        (cls.__doc__ or "").strip().split("\n\n")[0].splitlines())]
+        doc = doc if doc[0] else []
         kind = "lossless" if cls.lossless else "lossy"
+        if cls.lossless and cls.lossy_when:
+            kind += f"; lossy with {cls.lossy_when}"
         print(f"{name}  ({kind}){'  - ' + doc[0] if doc else ''}")
         for opt, tp, default in options_help(cls):
             print(f"    {opt}: {tp} = {default!r}")

@@ -65,6 +65,9 @@ def test_passes_lists_options(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "fold-bn  (lossless)" in out and "const-fold" in out
+    # passes whose options make them lossy say which
+    assert "winograd  (lossless; lossy with weight_dtype=float16)" in out
+    assert "factorize  (lossless; lossy with rank other than full)" in out
     assert "max_growth: float = 1.0" in out
 
 
