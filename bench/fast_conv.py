@@ -20,6 +20,7 @@ the algorithms, so all see the same machine load; the ratio columns (direct / al
     python bench/fast_conv.py --chain 4 --models ''      # each layer inside a chain of 4
     python bench/fast_conv.py --chain 4 --half   # also float16 U / spectra, and their error
     python bench/fast_conv.py --accuracy 0,1,2   # what float16 U costs a trained classifier
+    python bench/fast_conv.py --errors 0,1,2     # one layer's error per algorithm (no timing)
     python bench/fast_conv.py --chain 4 --half --batch 4 --layers 256x7x3 --models ''
 
 The header also prints the streaming floor: the F(4,3) GEMM kernel at one row reading a
@@ -118,13 +119,17 @@ def stream_gbps(ci: int, co: int, rounds: int, runs: int) -> tuple[float, float]
     return ms, 36 * ci * co * 4 / ms / 1e6
 
 
-def weight_mb(algo: str, cin: int, size: int, k: int) -> float:
+def weight_mb(algo: str, cin: int, size: int, k: int, batch: int = 1) -> float:
     """Bytes (MB) of the weights ``algo`` reads per call: direct ``k^2``, F(m,3)
-    ``(m+2)^2``, FFT ``2 N (N/2+1)`` floats per channel pair."""
+    ``(m+2)^2`` (``3 (m+2)`` where the lowering reads ``H = G g``: ``factors_u``), FFT
+    ``2 N (N/2+1)`` floats per channel pair."""
+    from slimfx.lowering import fast_conv as lf
+
     if algo == "direct":
         per = k * k
     elif algo.startswith("winograd"):
-        per = (int(algo[-1]) + 2) ** 2
+        m = int(algo[-1])
+        per = (m + 2) * (3 if lf.factors_u(m, batch * -(-size // m) ** 2) else m + 2)
     else:
         n = fc.fft_tile(k, size, size, cin, cin) + k - 1
         per = 2 * n * (n // 2 + 1)
@@ -229,7 +234,7 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
         best = min(ms, key=ms.get)
         worst_err = max(v for a, v in errs.items() if a != "direct")
         # the bandwidth each algorithm would need to read its weights in its own time
-        gbps = "/".join(f"{weight_mb(a, cin, size, k) / ms[a]:.0f}" for a in ms)
+        gbps = "/".join(f"{weight_mb(a, cin, size, k, batch) / ms[a]:.0f}" for a in ms)
         if half:
             y = torch.randn_like(x).numpy()
             want = built["direct"](y)
@@ -249,7 +254,7 @@ def bench_layers(grid, rounds: int, runs: int, measured: list | None = None,
                       f"{pick} ({ms['direct'] / times[pick]:.2f}x)"]
         rows.append([f"{cin}", f"{size}", f"{k}x{k}", f"{ms['direct']:.3f}", *cells, best,
                      model_pick, f"{worst_err:.1e}",
-                     "/".join(f"{weight_mb(a, cin, size, k):.1f}" for a in ms), gbps])
+                     "/".join(f"{weight_mb(a, cin, size, k, batch):.1f}" for a in ms), gbps])
         print(f"... {cin}ch {size}x{size} k{k}: " + ", ".join(
             f"{a} {v:.3f}" for a, v in {**ms, **half_ms}.items()), flush=True)
     return rows
@@ -489,6 +494,61 @@ def bench_accuracy(seeds, width: int) -> list[list]:
     return rows
 
 
+ERROR_ARMS = {  # (row label, kernel, algorithm, weight dtype)
+    "direct 3x3": (3, "direct", None), "F(2,3)": (3, "winograd2", None),
+    "F(4,3)": (3, "winograd4", None), "direct 5x5": (5, "direct", None),
+    "FFT 5x5": (5, "fft", None), "direct 3x3 f16 w": (3, "direct", torch.float16),
+    "F(2,3) f16": (3, "winograd2", torch.float16), "F(4,3) f16": (3, "winograd4", torch.float16),
+    "FFT 5x5 f16": (5, "fft", torch.float16),
+}
+
+
+def _op_output(algo: str, x: torch.Tensor, w: torch.Tensor, dtype) -> torch.Tensor:
+    """One layer (stride 1, 'same' padding, no bias) through ``algo``'s PyTorch reference op
+    in float32, its (transformed) weights rounded once to ``dtype`` (float32 if None)."""
+    k = w.shape[-1]
+    pad = [k // 2, k // 2]
+    if algo == "direct":
+        return torch.nn.functional.conv2d(x, w.to(dtype or torch.float32).float(), padding=k // 2)
+    if algo.startswith("winograd"):
+        tile = int(algo[-1])
+        u = fc.winograd_filter(w, tile, dtype or torch.float32)
+        return torch.ops.slimfx.winograd_conv2d(x, u, None, pad, tile)
+    tile = fc.fft_tile(k, x.shape[2], x.shape[3], w.shape[1], w.shape[0])
+    spec = fc.fft_spectrum(w, tile + k - 1, dtype or torch.float32)
+    return torch.ops.slimfx.fft_conv2d(x, spec, None, pad, k, tile)
+
+
+def bench_errors(seeds, channels=(16, 32, 64, 128, 256), size: int = 28) -> list[list]:
+    """One layer's error with each algorithm's PyTorch reference op (float32) against the
+    same convolution in float64, relative to its largest output magnitude: N(0,1) inputs,
+    Kaiming-scaled weights (std sqrt(2 / fan_in)), ``size`` x ``size`` maps, Cin = Cout;
+    min and max over ``channels`` x ``seeds``, and each channel count's max over seeds (the
+    table in :mod:`slimfx.passes.fast_conv`)."""
+    import math
+
+    errs: dict[str, dict[int, list[float]]] = {a: {c: [] for c in channels} for a in ERROR_ARMS}
+    for c in channels:
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(seed)
+            x = torch.randn(1, c, size, size, generator=gen)
+            for k in (3, 5):
+                w = torch.randn(c, c, k, k, generator=gen) * math.sqrt(2 / (c * k * k))
+                ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=k // 2)
+                for arm, (kk, algo, dtype) in ERROR_ARMS.items():
+                    if kk == k:
+                        got = _op_output(algo, x, w, dtype).double()
+                        errs[arm][c].append(float((got - ref).abs().max() / ref.abs().max()))
+        print(f"... {c} channels: " + ", ".join(f"{a} {max(e[c]):.1e}" for a, e in errs.items()),
+              flush=True)
+    rows = []
+    for arm, by_c in errs.items():
+        every = [v for vs in by_c.values() for v in vs]
+        rows.append([arm, f"{min(every):.1e}", f"{max(every):.1e}",
+                     *(f"{max(by_c[c]):.1e}" for c in channels)])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds")
@@ -521,6 +581,9 @@ def main() -> None:
                          "(e.g. 0,1,2) and report its compiled test accuracy direct, with F(4,3), "
                          "and with float16 U")
     ap.add_argument("--width", type=int, default=16, help="--accuracy: the classifier's width")
+    ap.add_argument("--errors", default="", metavar="SEEDS",
+                    help="one layer's error against float64 with each algorithm's reference op "
+                         "(float32 and float16 weights), over channel counts, for these seeds")
     ap.add_argument("--batch", type=int, default=1,
                     help="the layers' batch size (default 1; the models stay at batch 1)")
     ap.add_argument("--half", action="store_true",
@@ -536,6 +599,16 @@ def main() -> None:
         if any(len(g) != 3 for g in grid):
             ap.error(f"--layers takes CxSIZExK items, got {args.layers!r}")
     names = [m for m in args.models.split(",") if m]
+    if args.errors:
+        channels = (16, 32, 64, 128, 256)
+        rows = bench_errors([int(v) for v in args.errors.split(",")], channels)
+        print(f"\none layer's max error against float64, relative to its largest output "
+              f"magnitude: PyTorch reference ops in float32 (f16: transformed weights, or direct's "
+              f"weights, rounded to float16), N(0,1) inputs, Kaiming-scaled weights, 28x28 maps, "
+              f"Cin = Cout = {'/'.join(map(str, channels))}, seeds {args.errors}")
+        print(format_table(["algorithm", "min", "max", *(f"{c}ch" for c in channels)], rows,
+                           right=set(range(1, 3 + len(channels)))))
+        return
     if args.accuracy:
         rows = bench_accuracy([int(v) for v in args.accuracy.split(",")], args.width)
         print(f"\nDigitResNet (width {args.width}) trained on MNIST per seed, compiled for the "
