@@ -895,7 +895,8 @@ def prefetch_next_task(sch, task_loop, loops: list, reduction, buffer, span: int
     where those would get more than ``PREFETCH_LINES[1]``), or of ``reduction`` split by
     :data:`PREFETCH_STEP` where even the deepest loop's points would: a few lines at each
     point, so the memory traffic overlaps the arithmetic instead of stalling the first pass
-    over a block.  ``min_bytes`` replaces :data:`PREFETCH_MIN_BYTES`.  The prefetches are the last change to the schedule
+    over a block.  ``min_bytes`` replaces :data:`PREFETCH_MIN_BYTES` (the weights below it
+    are left alone).  The prefetches are the last change to the schedule
     (``ScheduleState.replace``, not in its trace: a kernel made serial by replaying the
     trace runs without them); LLVM keeps register tiles in registers through the inner,
     prefetch-free loops (a prefetch inside the register tile's loop made it store its
