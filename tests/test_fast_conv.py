@@ -383,6 +383,35 @@ def test_f43_on_few_tiles_reads_half_transformed_weights(n, cin, cout, size, fac
     assert shapes == {True: h if factored else u, False: u}
 
 
+@pytest.mark.parametrize("chunks", [True, False])
+def test_factored_gemm_runs_all_points_over_each_chunk_of_channels(chunks, monkeypatch):
+    """FACTOR_K_CHUNKS: the six points of a factored GEMM task take one chunk of 32 input
+    channels after another (the chunk's H stays in L1), so the reduction's outer loop
+    encloses the unrolled points; 64 -> 32 channels at 7x7 match direct either way."""
+    import re
+
+    from tvm import te
+
+    from slimfx.lowering import cpu_schedules as cs
+    from slimfx.lowering import fast_conv as lf
+    from slimfx.lowering import host_target
+
+    monkeypatch.setattr(lf, "FACTOR_K_CHUNKS", chunks)
+    v = te.placeholder((36, 4, 64), name="v")
+    h = te.placeholder((6, 1, 3, 64, 32), name="h")
+    g1 = lf.factored_weights(4)[1].astype("float32")
+    func = te.create_prim_func([v, h, lf._factored_gemm_te(v, h, g1)])
+    script = cs.schedule_primfunc(func, host_target()).script()
+    assert bool(re.search(r"for k_0 in range\(2\):\s*for e_1 in T.unroll\(6\)", script)) == chunks
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(64, 32, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 64, 7, 7)
+    tol = fc.WINOGRAD_TOLERANCE[4]
+    cm = slimfx.compile(model, x, pipeline="winograd{tile=4}", atol=tol)
+    with torch.no_grad():
+        assert _rel(cm(x), model(x)) <= tol
+
+
 def test_select_by_model_counts_half_the_bytes_of_factored_f43(monkeypatch):
     """256 channels at 14x14 (16 tiles): the factored F(4,3) reads half of U's 9.4 MB, so
     the cold model picks it over F(2,3) (with U whole, it picked F(2,3))."""
