@@ -102,12 +102,15 @@ FACTOR_TILES = 16
 PREFETCH_SMALL = True
 PREFETCH_BYTES = 1 << 17
 
-#: A factored GEMM task (one ``eps``, one column panel) runs its ``alpha`` points ``nu``
-#: over chunks of :data:`FACTOR_K_CHUNK` input channels, all points on one chunk before the
-#: next: the chunk's three rows of ``H`` (12-24 KB) stay in L1 for the six points that read
-#: them, where whole rows (96-196 KB at 256 channels) came from L2 once per point; the
-#: accumulators of all points wait in a buffer between chunks.  F(4,3) at 7x7 (4 tiles):
-#: 1.2-1.4x faster (``bench/fast_conv.py --ab FACTOR_K_CHUNKS``).  False: whole rows.
+#: A factored GEMM task (one ``eps``, one column panel) whose rows fit one register tile
+#: (at most 8 tiles: a 7x7 map at batch 1) runs its ``alpha`` points ``nu`` over chunks of
+#: :data:`FACTOR_K_CHUNK` input channels, all points on one chunk before the next: the
+#: chunk's three rows of ``H`` (24 KB) stay in L1 for the six points that read them, where
+#: whole rows (196 KB at 256 channels) came from L2 once per point, 4 FMAs per loaded
+#: vector; the accumulators of all points wait in a buffer between chunks.  F(4,3) at 7x7,
+#: 256 and 512 channels: 1.24x and 1.38-1.45x faster; with two row tiles (14x14), whose
+#: loads feed 8 FMAs each, 0.92-1.01x, so those keep whole rows (``bench/fast_conv.py --ab
+#: FACTOR_K_CHUNKS --chain 4``).  False: whole rows everywhere.
 FACTOR_K_CHUNKS = True
 FACTOR_K_CHUNK = 32
 
@@ -539,7 +542,9 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     outer, inner = (sch.split(e, [None, math.isqrt(cs._extent(sch, e))]) if factored
                     else (e, None))
     # factored: all points over one chunk of the reduction, then the next (FACTOR_K_CHUNK)
-    kc = cs._largest_divisor(k_extent, FACTOR_K_CHUNK) if factored and FACTOR_K_CHUNKS else 0
+    one_tile = -(-rows // ri) == 1
+    kc = cs._largest_divisor(k_extent, FACTOR_K_CHUNK) if factored and FACTOR_K_CHUNKS \
+        and one_tile else 0
     ko = None
     if 8 <= kc < k_extent:
         ko, k = sch.split(k, [None, kc])

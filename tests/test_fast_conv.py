@@ -385,9 +385,10 @@ def test_f43_on_few_tiles_reads_half_transformed_weights(n, cin, cout, size, fac
 
 @pytest.mark.parametrize("chunks", [True, False])
 def test_factored_gemm_runs_all_points_over_each_chunk_of_channels(chunks, monkeypatch):
-    """FACTOR_K_CHUNKS: the six points of a factored GEMM task take one chunk of 32 input
-    channels after another (the chunk's H stays in L1), so the reduction's outer loop
-    encloses the unrolled points; 64 -> 32 channels at 7x7 match direct either way."""
+    """FACTOR_K_CHUNKS: the six points of a factored GEMM task with one row tile (4 tiles)
+    take one chunk of 32 input channels after another (the chunk's H stays in L1), so the
+    reduction's outer loop encloses the unrolled points; two row tiles (16 tiles) keep
+    whole rows; 64 -> 32 channels at 7x7 match direct either way."""
     import re
 
     from tvm import te
@@ -402,7 +403,11 @@ def test_factored_gemm_runs_all_points_over_each_chunk_of_channels(chunks, monke
     g1 = lf.factored_weights(4)[1].astype("float32")
     func = te.create_prim_func([v, h, lf._factored_gemm_te(v, h, g1)])
     script = cs.schedule_primfunc(func, host_target()).script()
-    assert bool(re.search(r"for k_0 in range\(2\):\s*for e_1 in T.unroll\(6\)", script)) == chunks
+    chunked = re.compile(r"for k_0 in range\(2\):\s*for e_1 in T.unroll\(6\)")
+    assert bool(chunked.search(script)) == chunks
+    v16 = te.placeholder((36, 16, 64), name="v")
+    func = te.create_prim_func([v16, h, lf._factored_gemm_te(v16, h, g1)])
+    assert not chunked.search(cs.schedule_primfunc(func, host_target()).script())
     torch.manual_seed(7)
     model = nn.Sequential(nn.Conv2d(64, 32, 3, padding=1), nn.ReLU()).eval()
     x = torch.randn(1, 64, 7, 7)
