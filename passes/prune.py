@@ -453,14 +453,19 @@ def norm_scales(ca: ChannelAnalysis, opts: PruneOptions, *, data=None,
 
 
 def select_channels(ca: ChannelAnalysis, opts: PruneOptions, *, data=None, loss_fn=None,
-                    scales: dict[tuple[str, int], float] | None = None
+                    scales: dict[tuple[str, int], float] | None = None,
+                    used_scales: dict[tuple[str, int], float] | None = None
                     ) -> tuple[set[int], dict[str, Any]]:
     """Choose the channel sets to remove under ``opts``; returns (sets, statistics).
 
     ``scales``: per-group normalisation denominators (from :func:`norm_scales`) used in
     place of those measured on ``ca``'s graph; groups not in it measure their own.
+    ``used_scales``: a dict filled with the denominators this selection used (as
+    :func:`norm_scales` returns them), so a caller gets them without scoring again.
     """
     plan = _plan(ca, opts, data, loss_fn, scales)
+    if used_scales is not None:
+        used_scales.update(plan.scales)
     est = _Estimator(ca)
     n_groups = len(plan.groups)
     sizes = [len(g.sets) for g in plan.groups]
@@ -709,20 +714,23 @@ class ChannelPruning(Pass):
     ``(input..., target)`` batches) and, for taylor, ``loss_fn(output, target)``.
     ``scales`` (from :func:`norm_scales` on a wider ancestor of the graph) fixes the groups'
     normalisation denominators, as :func:`gradual_prune` does from its second round on.
+    After a run, ``used_scales`` holds the denominators the run used.
     """
 
     def __init__(self, options: PruneOptions | None = None, *, data=None, loss_fn=None,
                  scales: dict[tuple[str, int], float] | None = None, **kw):
         super().__init__(options, **kw)
         self.data, self.loss_fn, self.scales = data, loss_fn, scales
+        self.used_scales: dict[tuple[str, int], float] = {}
         if self.options.criterion in DATA_CRITERIA and data is None:
             raise GraphError(f"criterion '{self.options.criterion}' needs data: use "
                              "ChannelPruning(..., data=batches) from Python")
 
     def run(self, graph: Graph) -> PassResult:
         ca = ChannelAnalysis(graph, exclude=self.options.exclude)
+        self.used_scales = {}
         removed, stats = select_channels(ca, self.options, data=self.data, loss_fn=self.loss_fn,
-                                         scales=self.scales)
+                                         scales=self.scales, used_scales=self.used_scales)
         stats = {k: v for k, v in stats.items() if k != "kept_per_group"}
         if not removed:
             return PassResult(graph, False, stats)
@@ -841,10 +849,7 @@ def gradual_prune(graph: Graph, options: PruneOptions | None = None, *, steps: i
         raise GraphError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if norm_scale not in ("first", "each"):
         raise GraphError(f"norm_scale must be 'first' or 'each', got {norm_scale!r}")
-    scales = None
-    if norm_scale == "first":
-        scales = norm_scales(ChannelAnalysis(graph, exclude=opts.exclude), opts, data=data,
-                             loss_fn=loss_fn)
+    scales = None  # "first": the denominators round 1 measures on the starting graph
     kind = "macs" if opts.macs is not None else "params" if opts.params is not None else "ratio"
     total = getattr(opts, kind)
     base_macs, base_params = graph.macs(), graph.param_count()
@@ -860,8 +865,10 @@ def gradual_prune(graph: Graph, options: PruneOptions | None = None, *, steps: i
             keep = scheduled_keep(total, step, steps, schedule)
             share = min(max(keep / now, 1e-6), 1 - 1e-6)
         step_opts = dataclasses.replace(opts, **{kind: share})
-        pruned = PassManager([ChannelPruning(step_opts, data=data, loss_fn=loss_fn,
-                                                 scales=scales)]).run(current)
+        pruner = ChannelPruning(step_opts, data=data, loss_fn=loss_fn, scales=scales)
+        pruned = PassManager([pruner]).run(current)
+        if norm_scale == "first" and scales is None:
+            scales = dict(pruner.used_scales)
         if finetune is not None:
             if bn == "train":  # re-estimate BN statistics of the narrower layers while training
                 with pruned.batchnorm_training():

@@ -235,17 +235,24 @@ class HalfDead(Branches):
             self.a1.weight[8:].mul_(0.01)
 
 
-def test_gradual_keeps_each_groups_first_normalisation_scale():
+def test_gradual_keeps_each_groups_first_normalisation_scale(monkeypatch):
+    from slimfx.passes import prune as prune_mod
+
     torch.manual_seed(0)
     g = slimfx.capture(HalfDead().eval(), torch.randn(1, 3, 8, 8))
     one_shot, _ = _prune(g, ratio=0.5, round_to=1)
     assert one_shot.param("a1.weight").shape[0] == 8  # a's dead half, then b's weakest
+    scored = []
+    real = prune_mod.score_sets
+    monkeypatch.setattr(prune_mod, "score_sets", lambda *a, **k: scored.append(1) or real(*a, **k))
     widths = {}
     for scale in ("first", "each"):
+        scored.clear()
         small, hist = gradual_prune(g, ratio=0.5, steps=2, round_to=1, norm_scale=scale,
                                     progress=None)
         assert len(hist) == 2 and small.param("a1.weight").shape[0] + \
             small.param("b1.weight").shape[0] == 16
+        assert len(scored) == 2  # once per round: "first" keeps round 1's denominators
         widths[scale] = small.param("a1.weight").shape[0]
     # Round 1 removes a's dead half.  Kept scales rank round 2 as one shot does: a's
     # survivors stay far above b's.  Re-measured on the survivors, a's mean rises to
