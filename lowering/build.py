@@ -215,7 +215,7 @@ def compile_graph(model: Graph | torch.nn.Module, example_inputs=None, *, target
     graph = slimfx.run_pipeline(graph, "legalize-tvm")  # verified lossless, like any pass
     expected = graph.analyze()
     t0 = time.perf_counter()
-    prog = to_relax(graph)
+    prog = to_relax(graph, info.kind)
     import_s = time.perf_counter() - t0
     opts = tune_options or TuneOptions()
     if tune or records is not None:

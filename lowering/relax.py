@@ -28,6 +28,7 @@ A pass that introduces a ``slimfx::`` op supplies its Relax lowering with
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -109,11 +110,30 @@ def _tensors_as_parameters(g: Graph) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(root, graph, class_name=type(gm).__name__)
 
 
-def to_relax(graph: Graph) -> RelaxProgram:
-    """Convert a canonical graph to a Relax ``IRModule`` (parameters as inputs).
+_TARGET_KIND: contextvars.ContextVar[str] = contextvars.ContextVar("slimfx_target_kind",
+                                                                   default="llvm")
+
+
+def target_kind() -> str:
+    """The kind of target (``"llvm"``, ``"cuda"``) :func:`to_relax` is lowering for, for a
+    lowering whose form depends on it (Winograd's factored weights are CPU-only)."""
+    return _TARGET_KIND.get()
+
+
+def to_relax(graph: Graph, target_kind: str = "llvm") -> RelaxProgram:
+    """Convert a canonical graph to a Relax ``IRModule`` (parameters as inputs), for a
+    target of ``target_kind`` (``"llvm"``, ``"cuda"``; see :func:`target_kind`).
 
     Raises :class:`LoweringError` naming the node and op when an op has no lowering.
     """
+    token = _TARGET_KIND.set(target_kind)
+    try:
+        return _to_relax(graph)
+    finally:
+        _TARGET_KIND.reset(token)
+
+
+def _to_relax(graph: Graph) -> RelaxProgram:
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 

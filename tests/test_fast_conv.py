@@ -383,6 +383,23 @@ def test_f43_on_few_tiles_reads_half_transformed_weights(n, cin, cout, size, fac
     assert shapes == {True: h if factored else u, False: u}
 
 
+def test_only_cpu_lowerings_read_half_transformed_weights():
+    """The factored GEMM is a CPU schedule: lowered for CUDA, F(4,3) on 16 tiles reads U."""
+    import re
+
+    from slimfx.lowering.relax import to_relax
+
+    g = slimfx.run_pipeline(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)).eval(),
+                            "winograd{tile=4}", torch.randn(1, 16, 14, 14))
+
+    def gemm_weight(kind: str) -> str:
+        text = to_relax(g, kind).mod["main"].script(show_meta=False)
+        call = re.search(r"call_tir\((?:cls\.)?winograd_matmul, \((\w+), (\w+)\)", text)
+        return re.search(rf"\b{call.group(2)}: R\.Tensor\(\(([\d, ]+)\)", text).group(1)
+
+    assert gemm_weight("llvm") == "6, 1, 3, 16, 32" and gemm_weight("cuda") == "36, 1, 16, 32"
+
+
 @pytest.mark.parametrize("chunks", [True, False])
 def test_factored_gemm_runs_all_points_over_each_chunk_of_channels(chunks, monkeypatch):
     """FACTOR_K_CHUNKS: the six points of a factored GEMM task with one row tile (4 tiles)
