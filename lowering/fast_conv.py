@@ -153,17 +153,20 @@ def _row_times(matrix: np.ndarray, row, term):
     return val
 
 
-def factors_u(m: int, tiles: int, dtype: str = "float32") -> bool:
+def factors_u(m: int, tiles: int, dtype: str = "float32", cpu: bool = True) -> bool:
     """Whether an F(m, 3) layer of ``tiles`` tiles (batch included) with transformed
-    weights of ``dtype`` reads them factored (:data:`FACTOR_U`) on a CPU.  Float16 ``U`` is
-    not factored: ``H`` recovered from the rounded ``U`` and rounded again would not compute
-    what the graph's float16 ``U`` does.  CUDA builds read ``U`` (dlight's GEMM schedule
-    would not unroll the points whose coefficients form ``U``; unmeasured on a GPU).
+    weights of ``dtype`` reads them factored (:data:`FACTOR_U`).  Float16 ``U`` is not
+    factored: ``H`` recovered from the rounded ``U`` and rounded again would not compute
+    what the graph's float16 ``U`` does.  Only CPU builds (``cpu``) factor: CUDA builds read
+    ``U`` (dlight's GEMM schedule would not unroll the points whose coefficients form
+    ``U``; unmeasured on a GPU).
 
     >>> factors_u(4, 16), factors_u(4, 49), factors_u(2, 16), factors_u(4, 16, "float16")
     (True, False, False, False)
+    >>> factors_u(4, 16, cpu=False)
+    False
     """
-    return FACTOR_U and m == 4 and tiles <= FACTOR_TILES and dtype == "float32"
+    return FACTOR_U and cpu and m == 4 and tiles <= FACTOR_TILES and dtype == "float32"
 
 
 def factored_weights(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -372,7 +375,7 @@ def _lower_winograd(node, importer):
     # (alpha, alpha, Cout, Cin) -> (alpha^2, Cout / nb, Cin, nb): panels of nb output
     # channels, each contiguous so the GEMM streams it; weight-only, lifted to load time.
     tiles = n * -(-ho // m) * -(-wo // m)
-    factored = PACK_U and target_kind() == "llvm" and factors_u(m, tiles, str(u.ty.dtype))
+    factored = PACK_U and factors_u(m, tiles, str(u.ty.dtype), cpu=target_kind() == "llvm")
     if factored:  # H = U P: (alpha, alpha, Cout, Cin) -> (alpha, Cout / nb, 3, Cin, nb)
         p_mat, g1, _ = factored_weights(m)
         nb = gemm_panel(tiles, co)

@@ -708,9 +708,9 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
         weights = weight_bytes * bins * ci * co  # the transformed filter, read once per call
         from slimfx.lowering.fast_conv import factors_u
 
-        if blocked and factors_u(m, tiles, "float32" if weight_bytes == 4 else "float16"):
-            # (a CPU lowering) the GEMM reads H = G g (alpha x 3 per channel pair) and forms
-            # each U vector from it once per 8-row tile, with 4/3 vector operations on average
+        if factors_u(m, tiles, "float32" if weight_bytes == 4 else "float16", cpu=blocked):
+            # the GEMM reads H = G g (alpha x 3 per channel pair) and forms each U vector
+            # from it once per 8-row tile, with 4/3 vector operations on average
             weights = weights * 3 // alpha
             gemm += 2 * (4 / 3) * -(-tiles // 8) * bins * ci * co
     elif algo == "fft":
