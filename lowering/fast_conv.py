@@ -376,15 +376,14 @@ def _lower_winograd(node, importer):
     # channels, each contiguous so the GEMM streams it; weight-only, lifted to load time.
     tiles = n * -(-ho // m) * -(-wo // m)
     factored = PACK_U and factors_u(m, tiles, str(u.ty.dtype), cpu=target_kind() == "llvm")
+    nb = gemm_panel(tiles, co)
     if factored:  # H = U P: (alpha, alpha, Cout, Cin) -> (alpha, Cout / nb, 3, Cin, nb)
         p_mat, g1, _ = factored_weights(m)
-        nb = gemm_panel(tiles, co)
         h = relax.op.matmul(relax.op.permute_dims(u, [0, 2, 3, 1]),
                             relax.const(p_mat.astype("float32")))
         u2 = bb.emit(relax.op.permute_dims(
             relax.op.reshape(h, (alpha, co // nb, nb, ci, r)), [0, 1, 4, 3, 2]))
     elif PACK_U:
-        nb = gemm_panel(tiles, co)
         u2 = bb.emit(relax.op.permute_dims(
             relax.op.reshape(u, (alpha * alpha, co // nb, nb, ci)), [0, 1, 3, 2]))
     else:  # (alpha^2, Cin, Cout): blocks of columns read with a row stride of Cout
@@ -552,7 +551,7 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     ko = None
     if 8 <= kc < k_extent:
         ko, k = sch.split(k, [None, kc])
-    first = [jo] if inner is None else [jo, *([ko] if ko is not None else []), inner]
+    first = [lp for lp in (jo, ko, inner) if lp is not None]
     if nv > max_nv:
         jvo, jv = sch.split(jv, [None, cs._largest_divisor(nv, max_nv)])
         sch.reorder(outer, *first, jvo, io, k, ii, jv, ji)
