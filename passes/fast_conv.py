@@ -540,20 +540,24 @@ class WinogradOptions:
     weight_dtype: Literal["float32", "float16"] = "float32"
 
 
+class _TransformedWeights(Pass):
+    """A pass that stores transformed weights in its ``weight_dtype`` option: lossless in
+    float32; float16 rounds them, so the pass is lossy (its error recorded, not verified)."""
+
+    lossy_when = "weight_dtype=float16"
+
+    def __init__(self, options=None, **kw):
+        super().__init__(options, **kw)
+        self.lossless = self.options.weight_dtype == "float32"
+
+
 @register_pass("winograd")
-class WinogradPass(Pass):
+class WinogradPass(_TransformedWeights):
     """Replace 3x3 stride-1 convolutions by Winograd F(tile x tile, 3 x 3).
 
     Lossless (verified at the tile's tolerance); lossy with weight_dtype=float16."""
 
     Options = WinogradOptions
-    lossless = True
-    lossy_when = "weight_dtype=float16"
-
-    def __init__(self, options: WinogradOptions | None = None, **kw):
-        super().__init__(options, **kw)
-        # float16 U rounds the weights: lossy, its error recorded, not verified
-        self.lossless = self.options.weight_dtype == "float32"
 
     @property
     def atol(self) -> float:  # the manager checks this pass at its tile's tolerance
@@ -596,17 +600,12 @@ class FFTConvOptions:
 
 
 @register_pass("fft-conv", lossless=True, atol=FFT_TOLERANCE)
-class FFTConvPass(Pass):
+class FFTConvPass(_TransformedWeights):
     """Replace stride-1 convolutions with kernels of min_kernel and up by FFT convolution.
 
     Lossless (verified at :data:`FFT_TOLERANCE`); lossy with weight_dtype=float16."""
 
     Options = FFTConvOptions
-    lossy_when = "weight_dtype=float16"
-
-    def __init__(self, options: FFTConvOptions | None = None, **kw):
-        super().__init__(options, **kw)
-        self.lossless = self.options.weight_dtype == "float32"  # as WinogradPass
 
     def run(self, graph: Graph) -> PassResult:
         k = self.options.min_kernel
@@ -864,20 +863,13 @@ def _alternate(built: dict, inputs, repeat: int, rounds: int,
 
 
 @register_pass("select-conv-algo")
-class SelectConvAlgo(Pass):
+class SelectConvAlgo(_TransformedWeights):
     """Choose direct, Winograd or FFT per convolution by measuring (or a cost model).
 
     Lossless (verified at its algorithms' loosest tolerance); lossy with
     weight_dtype=float16."""
 
     Options = SelectOptions
-    lossless = True
-    lossy_when = "weight_dtype=float16"
-
-    def __init__(self, options: SelectOptions | None = None, **kw):
-        super().__init__(options, **kw)
-        # float16 transformed weights: lossy, the error recorded, not verified
-        self.lossless = self.options.weight_dtype == "float32"
 
     @property
     def atol(self) -> float:  # the loosest tolerance among the algorithms it may apply
