@@ -204,13 +204,11 @@ def _cmd_passes(args) -> int:
         _import_module(mod)
     for name, cls in list_passes().items():
         # the docstring's first paragraph, on one line
-        doc = [" ".join(line.strip() for line in
-                        (cls.__doc__ or "").strip().split("\n\n")[0].splitlines())]
-        doc = doc if doc[0] else []
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         kind = "lossless" if cls.lossless else "lossy"
         if cls.lossless and cls.lossy_when:
             kind += f"; lossy with {cls.lossy_when}"
-        print(f"{name}  ({kind}){'  - ' + doc[0] if doc else ''}")
+        print(f"{name}  ({kind}){'  - ' + summary if summary else ''}")
         for opt, tp, default in options_help(cls):
             print(f"    {opt}: {tp} = {default!r}")
     return 0
