@@ -510,13 +510,12 @@ def _op_output(algo: str, x: torch.Tensor, w: torch.Tensor, dtype) -> torch.Tens
     pad = [k // 2, k // 2]
     if algo == "direct":
         return torch.nn.functional.conv2d(x, w.to(dtype or torch.float32).float(), padding=k // 2)
+    # what the passes store: U, or the spectrum of fft_tile's tile, rounded once
+    p = fc.ConvParams(w.shape[1], w.shape[0], k, tuple(pad), tuple(x.shape), tuple(x.shape))
+    value = fc._transformed(algo, w, p).to(dtype or torch.float32)
     if algo.startswith("winograd"):
-        tile = int(algo[-1])
-        u = fc.winograd_filter(w, tile, dtype or torch.float32)
-        return torch.ops.slimfx.winograd_conv2d(x, u, None, pad, tile)
-    tile = fc.fft_tile(k, x.shape[2], x.shape[3], w.shape[1], w.shape[0])
-    spec = fc.fft_spectrum(w, tile + k - 1, dtype or torch.float32)
-    return torch.ops.slimfx.fft_conv2d(x, spec, None, pad, k, tile)
+        return torch.ops.slimfx.winograd_conv2d(x, value, None, pad, int(algo[-1]))
+    return torch.ops.slimfx.fft_conv2d(x, value, None, pad, k, value.shape[1] - k + 1)
 
 
 def bench_errors(seeds, channels=(16, 32, 64, 128, 256), size: int = 28) -> list[list]:
