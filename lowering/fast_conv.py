@@ -68,6 +68,11 @@ FFT_GEMM_BLOCK = "fft_matmul"
 FFT_CGEMM_BLOCK = "fft_cmatmul"
 FFT_FORWARD_BLOCK = "fft_forward_y"
 FFT_REGROUP_BLOCK = "fft_regroup"
+#: The fused FFT transforms (:data:`FUSED_FFT`) and their row intermediates.
+FFT_INPUT_BLOCK = "fft_input"
+FFT_IN_ROWS_BLOCK = "fft_in_rows"
+FFT_OUTPUT_BLOCK = "fft_output"
+FFT_OUT_ROWS_BLOCK = "fft_out_rows"
 
 
 #: Let Winograd transforms read and write the blocked layout (:func:`blocked_winograd`);
@@ -406,23 +411,28 @@ def _lower_winograd(node, importer):
 
 
 # --------------------------------------------------------------------------- winograd schedules
-def _schedule_input(sch, block, lanes: int) -> None:
-    # Layout conversions of the producer are inlined into the NHWC pad copy.
-    pad = rows = None
+def _prepare_input(sch, block, rows_prefix: str, lanes: int,
+                   inline_pad: bool = True) -> tuple[list, int]:
+    """An input transform's kernel: the producer's layout conversions inlined into the
+    ``NHWC`` pad copy, which is itself inlined when it reads a blocked input (contiguous
+    channel vectors) or else scheduled as a copy.  Returns the row blocks (``rows_prefix``)
+    and the vector width (at most the input's channel block).  ``inline_pad`` False keeps
+    the copy for any input: a kernel that reads each input value many times (the FFT's
+    rows, once per frequency row) then reads it without bounds checks."""
+    pad, rows = None, []
     for b in cs._blocks(sch):
         name = cs._block_name(sch, b)
         if name.startswith(PAD_BLOCK):
             pad = b
-        elif name.startswith(INPUT_ROWS_BLOCK):
-            rows = b
+        elif name.startswith(rows_prefix):
+            rows.append(b)
         elif not sch.get(b).same_as(sch.get(block)):
             sch.compute_inline(b)
     if pad is not None:
-        bl, y, x, c = sch.get_loops(pad)
         src = [r.source.shape for r in sch.get(pad).reads if len(r.source.shape) == 5]
         if src:  # a blocked input: vectors within one channel block (contiguous loads)
             lanes = cs._largest_divisor(int(src[0][4]), lanes)
-            if PAD_INLINE:
+            if PAD_INLINE and inline_pad:
                 sch.compute_inline(pad)
                 pad = None
     if pad is not None:
@@ -431,6 +441,11 @@ def _schedule_input(sch, block, lanes: int) -> None:
         sch.reorder(*(lp for lp in (bl, y, x, co) if lp is not None), ci)
         sch.parallel(sch.fuse(bl, y))
         sch.vectorize(ci)
+    return rows, lanes
+
+
+def _schedule_input(sch, block, lanes: int) -> None:
+    rows, lanes = _prepare_input(sch, block, INPUT_ROWS_BLOCK, lanes)
     e, p, c = sch.get_loops(block)
     co, ci = cs._vector_split(sch, c, lanes)
     if co is not None:
@@ -445,9 +460,30 @@ def _schedule_input(sch, block, lanes: int) -> None:
     sch.unroll(eps)
     sch.unroll(nu)
     sch.vectorize(ci)
-    if rows is not None:
+    for r in rows:
         # B^T d's row eps at the eps loop: all that V[(eps, nu)] reads (ROW_TRANSFORMS)
-        _compute_in_registers(sch, rows, block, eps if ROW_TRANSFORMS else tile, lanes)
+        _compute_in_registers(sch, r, block, eps if ROW_TRANSFORMS else tile, lanes)
+
+
+def _schedule_fft_input(sch, block, lanes: int) -> None:
+    # Parallel over (tile, block of channels); per frequency row u (a loop: its twiddles
+    # come from a table), the rows R_C[u], R_S[u] (N vectors each, registers), then the H
+    # frequencies v and both parts unrolled, the DFT's constants folded in.
+    rows, lanes = _prepare_input(sch, block, FFT_IN_ROWS_BLOCK, lanes, inline_pad=False)
+    q, p, part, c = sch.get_loops(block)
+    u, which, v = sch.split(q, [None, 2, math.isqrt(cs._extent(sch, q) // 2)])
+    ci = cs._extent(sch, c)
+    vec = lanes if ci % lanes == 0 else cs._largest_divisor(ci, lanes)
+    cc, cv = sch.split(c, [None, vec])
+    sch.reorder(p, cc, u, which, part, v, cv)
+    sch.parallel(sch.fuse(p, cc))
+    for lp in (which, part, v):
+        sch.unroll(lp)
+    sch.vectorize(cv)
+    # the x-DFT's partial sums (consumers of the rows) are placed at u first, the rows
+    # before them
+    for r in sorted(rows, key=lambda b: "_s" not in cs._block_name(sch, b)):
+        _compute_in_registers(sch, r, block, u, vec)
 
 
 def _compute_in_registers(sch, block, consumer, anchor, lanes: int) -> None:
@@ -467,11 +503,21 @@ def _schedule_output(sch, block, lanes: int) -> None:
     # Inline the element-wise ops fused after the transform (ReLU, residual add) into the
     # last block, then tile that block by m x m, unrolled so the constants of A fold, with
     # (A^T M) of each tile row computed at it (registers).
-    m = _tile_of(sch, block)
-    rows = None
+    _schedule_tiled_output(sch, lanes, _tile_of(sch, block), OUTPUT_ROWS_BLOCK, True)
+
+
+def _schedule_fft_output(sch, block, lanes: int) -> None:
+    # As Winograd's output transform, per T x T tile: its rows a loop (their twiddles
+    # come from a table), Z_r and Z_i of a row (H vectors each) computed at it, the T
+    # columns of the row unrolled with the inverse DFT's constants folded in.
+    _schedule_tiled_output(sch, lanes, _tile_of(sch, block), FFT_OUT_ROWS_BLOCK, False)
+
+
+def _schedule_tiled_output(sch, lanes: int, m: int, rows_prefix: str, unroll_rows: bool) -> None:
+    rows = []
     for b in cs._blocks(sch)[:-1]:
-        if cs._block_name(sch, b).startswith(OUTPUT_ROWS_BLOCK):
-            rows = b
+        if cs._block_name(sch, b).startswith(rows_prefix):
+            rows.append(b)
         else:
             sch.compute_inline(b)
     loops = sch.get_loops(cs._blocks(sch)[-1])
@@ -484,7 +530,7 @@ def _schedule_output(sch, block, lanes: int) -> None:
         b, c, y, x = loops
         co, ci = cs._vector_split(sch, c, lanes)
     else:
-        raise LoweringError(f"unexpected Winograd output kernel with {len(loops)} loops")
+        raise LoweringError(f"unexpected output transform kernel with {len(loops)} loops")
     yo, yi = sch.split(y, [None, m])
     xo, xi = sch.split(x, [None, m])
     # Tiles in parallel, a tile's channel chunks inside: M[(eps, nu), p, :] is read whole
@@ -492,21 +538,26 @@ def _schedule_output(sch, block, lanes: int) -> None:
     # M once per chunk).
     outer = [lp for lp in (b, yo, xo) if lp is not None]
     sch.reorder(*outer, *(lp for lp in (co,) if lp is not None), yi, xi, ci)
+    if not unroll_rows and co is not None:  # FFT: few tiles (often one); channels too
+        outer.append(co)
+        co = None
     tile = sch.fuse(*outer)
     sch.parallel(tile)
-    sch.unroll(yi)
+    if unroll_rows:
+        sch.unroll(yi)
     sch.unroll(xi)
     sch.vectorize(ci)
-    if rows is not None:  # row i of A^T M at the row loop: all that its outputs read
-        _compute_in_registers(sch, rows, cs._blocks(sch)[-1],
+    for r in rows:  # row i of the intermediate at the row loop: all that its outputs read
+        _compute_in_registers(sch, r, cs._blocks(sch)[-1],
                               yi if ROW_TRANSFORMS else (co if co is not None else tile), lanes)
 
 
 def _tile_of(sch, block) -> int:
-    """The Winograd output tile ``m``: the output transform's block is named ``..._m{m}``."""
+    """The output tile: the output transform's block is named ``..._m{m}`` (Winograd) or
+    ``..._t{tile}`` (FFT)."""
     name = cs._block_name(sch, block)
     try:
-        return int(name.rsplit("_m", 1)[1])
+        return int(name.rsplit("_m" if "_m" in name else "_t", 1)[1])
     except (IndexError, ValueError):
         raise LoweringError(f"Winograd output block '{name}' does not name its tile") from None
 
@@ -654,6 +705,8 @@ def _schedule_fft_regroup(sch, block, lanes: int) -> None:
 
 cs.ANCHOR_SCHEDULES[INPUT_BLOCK] = ("winograd_input", _schedule_input)
 cs.ANCHOR_SCHEDULES[FFT_FORWARD_BLOCK] = ("fft_forward_y", _schedule_fft_forward_y)
+cs.ANCHOR_SCHEDULES[FFT_INPUT_BLOCK] = ("fft_input", _schedule_fft_input)
+cs.ANCHOR_SCHEDULES[FFT_OUTPUT_BLOCK] = ("fft_output", _schedule_fft_output)
 cs.ANCHOR_SCHEDULES[FFT_REGROUP_BLOCK] = ("fft_regroup", _schedule_fft_regroup)
 cs.ANCHOR_SCHEDULES[FFT_CGEMM_BLOCK] = ("fft_complex_gemm", _schedule_complex_gemm)
 cs.ANCHOR_SCHEDULES[GEMM_BLOCK] = ("winograd_gemm", _schedule_gemm)
@@ -724,12 +777,15 @@ def _fft_untile_te(z, bias, n: int, ho: int, wo: int):
     return te.compute((n, co, ho, wo), f, name="fft_untile")
 
 
-def _fft_complex_gemm_te(v, w):
+def _fft_complex_gemm_te(v, w, size: int = 0):
     """The spectral product, summed over input channels, per frequency ``q``:
     ``v`` ``(Q, P, 2Ci)`` ``[Re V | Im V]`` times the packed spectrum ``w``
     ``(Q, Co / nb, Ci, 2, nb)`` (panels of ``nb`` output channels, ``Re W`` then ``Im W``
     per input channel) -> ``(Q, P, Co / nb, 2, nb)`` (``Re M`` then ``Im M`` per panel) with
     ``Re M = Re V Re W - Im V Im W``, ``Im M = Re V Im W + Im V Re W``.
+
+    ``size`` > 0: ``v`` is ``(Q', P, 2, Ci)``, frequency row ``u`` in slot
+    :func:`fft_slot` (the fused forward transform's order), read as such.
 
     The same MACs as a real GEMM by ``[[Re W, Im W], [-Im W, Re W]]``, but each complex
     weight is 2 reals, not 4: half the bytes of the stored spectrum, which is what small
@@ -738,17 +794,20 @@ def _fft_complex_gemm_te(v, w):
     """
     from tvm import te, tirx
 
-    q, p, ci2 = cs._ints(v.shape)
-    _, panels, ci, _, nb = cs._ints(w.shape)
+    p = int(v.shape[1])
+    q, panels, ci, _, nb = cs._ints(w.shape)
     rk = te.reduce_axis((0, ci), name="k")
     rs = te.reduce_axis((0, 2), name="s")
+    half = size // 2 + 1
 
     def f(e, i, jo, t, c):
+        ve = fft_slot(e // half, size) * half + e % half if size else e
         re, im = w[e, jo, rk, 0, c], w[e, jo, rk, 1, c]
         if w.dtype != v.dtype:  # a float16 spectrum: widened as it is read
             re, im = re.astype(v.dtype), im.astype(v.dtype)
         coef = tirx.Select(rs == t, re, tirx.Select(rs == 0, im, -im))
-        return te.sum(v[e, i, rs * ci + rk] * coef, axis=[rk, rs])
+        vv = v[ve, i, rs, rk] if len(v.shape) == 4 else v[ve, i, rs * ci + rk]
+        return te.sum(vv * coef, axis=[rk, rs])
 
     return te.compute((q, p, panels, 2, nb), f, name=FFT_CGEMM_BLOCK)
 
@@ -800,6 +859,218 @@ def _fft_inverse_y_te(z, tile: int, half: int):
     return te.compute((p, co, tile, 2 * half), f, name="fft_inverse_y")
 
 
+
+
+def _clean(matrix: np.ndarray) -> np.ndarray:
+    """Twiddles rounded where they are 0 or +-1 up to float error (so they drop out or
+    become adds), as float32."""
+    out = np.where(np.abs(matrix) < 1e-9, 0.0, matrix)
+    out = np.where(np.abs(np.abs(out) - 1) < 1e-9, np.sign(out), out)
+    return out.astype("float32")
+
+
+#: Vectors (of up to 16 lanes) per piece of the fused FFT transforms' row intermediates:
+#: a row of 15 is under TVM's 1 KB limit for a CPU stack buffer (kept in registers or on
+#: the stack); a longer one would be allocated from the workspace pool every row.  Rows
+#: of 22 or 30 values (N = 22, 30) are computed in pieces.
+ROW_VECTORS = 15
+
+
+def _row_chunks(extent: int, limit: int = ROW_VECTORS) -> list[tuple[int, int]]:
+    """``extent`` cut into near-equal pieces of at most ``limit``: ``(start, length)``.
+
+    >>> _row_chunks(14), _row_chunks(30), _row_chunks(22)
+    ([(0, 14)], [(0, 15), (15, 15)], [(0, 11), (11, 11)])
+    """
+    base = -(-extent // -(-extent // limit))
+    return [(s0, min(base, extent - s0)) for s0 in range(0, extent, base)]
+
+
+def _rows_te(lead: int, extent: int, tail: tuple, f, name: str) -> list:
+    """``te.compute((lead, extent, *tail), f)`` in pieces along its second axis
+    (:func:`_row_chunks`), as ``[(start, tensor)]``; read with :func:`_row_at`."""
+    from tvm import te
+
+    def piece(i: int, s0: int, ln: int):
+        return te.compute((lead, ln, *tail), lambda a, j, *rest: f(a, j + s0, *rest),
+                          name=f"{name}c{i}")
+    return [(s0, piece(i, s0, ln)) for i, (s0, ln) in enumerate(_row_chunks(extent))]
+
+
+def _row_at(pieces: list, a, j, *rest):
+    """Element ``[a, j, *rest]`` of :func:`_rows_te`'s pieces: ``j`` an int, or symbolic
+    (a Select over the pieces, which folds once ``j`` is unrolled)."""
+    from tvm import tirx
+
+    if isinstance(j, int):
+        s0, t = next((s0, t) for s0, t in reversed(pieces) if j >= s0)
+        return t[a, j - s0, *rest]
+    val = None
+    for s0, t in reversed(pieces):
+        ln = int(t.shape[1])
+        e = t[a, tirx.max(tirx.min(j - s0, ln - 1), 0), *rest]
+        val = e if val is None else tirx.Select(j >= s0 + ln, val, e)
+    return val
+
+
+def fft_input_matrices(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fused forward transform's constants: ``ly`` (2N, N), ``[cos; sin]`` of
+    ``2 pi u y / N`` (a table the kernel reads, row ``u`` not unrolled), and the real DFT
+    along ``x`` of the rows ``R_C[u, x] = sum_y cos d``, ``R_S[u, x] = sum_y sin d``, as
+    ``(2, 2, H, 2N)``: ``[which, part, v]`` over ``[R_C | R_S]``.  ``which`` 0 gives
+    ``X[u, v]``, 1 gives ``X[N - u, v]`` (the input is real: ``R_C[N - u] = R_C[u]``,
+    ``R_S[N - u] = -R_S[u]``), so rows ``u <= N/2`` are all the kernel computes.
+
+    >>> ly, dft = fft_input_matrices(6)
+    >>> d = np.random.default_rng(0).standard_normal((6, 6))
+    >>> r = (ly @ d).reshape(2, 6, 6).transpose(1, 0, 2).reshape(6, 12)  # u, [R_C | R_S]
+    >>> x = np.fft.rfft2(d)
+    >>> np.allclose(r @ dft[0, 0].T + 1j * (r @ dft[0, 1].T), x, atol=1e-5)
+    True
+    >>> np.allclose(r[1] @ dft[1, 0].T + 1j * (r[1] @ dft[1, 1].T), x[5], atol=1e-5)
+    True
+    """
+    rx = dft_matrices(size, 1)["rx"]
+    half = size // 2 + 1
+    cos, msin = rx[:, :half].T, rx[:, half:].T  # (H, N): cos, -sin of 2 pi x v / N
+    dft = np.stack([  # X[u] = sum_x (R_C - i R_S) e^{-i t};  X[N-u] = sum_x (R_C + i R_S) e^{-i t}
+        np.stack([np.concatenate([cos, msin], 1), np.concatenate([msin, -cos], 1)]),
+        np.stack([np.concatenate([cos, -msin], 1), np.concatenate([msin, cos], 1)])])
+    return _clean(dft_matrices(size, 1)["ly"]), _clean(dft)
+
+
+def fft_slot(u, size: int):
+    """Where the fused forward transform puts frequency row ``u``: ``2 min(u, N - u)``,
+    plus 1 above ``N / 2`` (``u`` may be symbolic)."""
+    from tvm import tirx
+
+    if isinstance(u, int):
+        return 2 * u if 2 * u <= size else 2 * (size - u) + 1
+    return tirx.Select(2 * u <= size, 2 * u, 2 * (size - u) + 1)
+
+
+def _fft_input_te(x, ly, size: int, tile: int, ph: int, pw: int, ho: int, wo: int):
+    """The padded input (``NCHW``, or blocked ``NCHW{cb}c``) -> its spectrum per tile,
+    ``(2 (N/2 + 1) H, P, 2, Ci)`` (``Re``, ``Im``; frequency row ``u`` in slot
+    :func:`fft_slot`, two slots unused): first ``R[u, s, x] = sum_y ly[s N + u, y] d[y, x]``
+    for ``u <= N / 2`` (a row at a time), then the real DFT along ``x`` of ``R_C - i R_S``
+    (row ``u``) and of ``R_C + i R_S`` (row ``N - u``)."""
+    from tvm import te, tirx
+
+    if len(x.shape) == 5:
+        n, cc, h, w, cb = cs._ints(x.shape)
+        ci = cc * cb
+
+        def load(b, c, y, xx):
+            return x[b, c // cb, y, xx, c % cb]
+    else:
+        n, ci, h, w = cs._ints(x.shape)
+
+        def load(b, c, y, xx):
+            return x[b, c, y, xx]
+    half = size // 2 + 1
+    th, tw = -(-ho // tile), -(-wo // tile)
+    hp, wp = (th - 1) * tile + size, (tw - 1) * tile + size
+    pad = te.compute(
+        (n, hp, wp, ci),
+        lambda b, y, xx, c: tirx.if_then_else(
+            tirx.all(y >= ph, y < ph + h, xx >= pw, xx < pw + w),
+            load(b, c, y - ph, xx - pw), tirx.const(0.0, x.dtype)),
+        name=PAD_BLOCK)
+    _, dft = fft_input_matrices(size)
+
+    def rows(part):  # R_C (part 0) or R_S (1): a row u is N vectors, in registers
+        def f(u, j, p, c):
+            b, t = p // (th * tw), p % (th * tw)
+            y0, x0 = t // tw * tile, t % tw * tile
+            acc = ly[part * size + u, 0] * pad[b, y0, x0 + j, c]
+            for yy in range(1, size):
+                acc = acc + ly[part * size + u, yy] * pad[b, y0 + yy, x0 + j, c]
+            return acc
+        return _rows_te(half, size, (n * th * tw, ci), f, f"{FFT_IN_ROWS_BLOCK}_{part}")
+
+    r = (rows(0), rows(1))
+    # the DFT along x shared by rows u and N - u: A = R_C cos, B = R_S (-sin), C = R_C
+    # (-sin), D = R_S cos (H vectors each); then Re = A +- B, Im = C -+ D
+    cos, msin = dft[0, 0][:, :size], dft[0, 0][:, size:]
+
+    def dft_x(i, m, src):
+        return _rows_te(half, half, (n * th * tw, ci),
+                        lambda u, v, p, c: _row_times(m, v, lambda j: _row_at(src, u, j, p, c)),
+                        f"{FFT_IN_ROWS_BLOCK}_s{i}")
+
+    sums = [dft_x(i, m, src)
+            for i, (m, src) in enumerate(((cos, r[0]), (msin, r[1]), (msin, r[0]), (cos, r[1])))]
+
+    def spec(q, p, part, c):
+        u, which, v = q // (2 * half), q // half % 2, q % half
+        a, b, cc, d = (_row_at(t, u, v, p, c) for t in sums)
+        sign = tirx.Select(which == 0, tirx.const(1.0, "float32"), tirx.const(-1.0, "float32"))
+        return tirx.Select(part == 0, a + sign * b, cc - sign * d)
+
+    return te.compute((2 * half * half, n * th * tw, 2, ci), spec, name=FFT_INPUT_BLOCK)
+
+
+def fft_output_matrices(size: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fused inverse transform's constants: ``liy`` (2T, N), ``[cos; sin]`` of
+    ``2 pi u y / N`` for the ``T`` kept rows (a table), and the inverse real DFT along
+    ``x`` as ``(T, 2H)`` rows over ``[Z_r | Z_i]`` (scaled by ``1 / N^2``; unrolled)."""
+    mats = dft_matrices(size, tile)
+    return _clean(mats["liy"]), mats["irx"].T.astype("float32")
+
+
+def _fft_output_te(mm, bias, liy, size: int, tile: int, n: int, ho: int, wo: int,
+                   block: int = 0):
+    """The spectral product ``(N*H, P, Co / nb, 2, nb)`` -> the output, ``NCHW`` or
+    channel-blocked ``NCHW{block}c``: per kept row ``y`` of a tile,
+    ``Z[y, v] = sum_u e^{2 pi i u y / N} M[u, v]`` (``[Z_r | Z_i]``), then the inverse
+    real DFT along ``x`` for the ``T`` kept columns, plus the bias."""
+    from tvm import te, tirx
+
+    half = size // 2 + 1
+    _, p, panels, _, nb = cs._ints(mm.shape)
+    co = panels * nb
+    th, tw = -(-ho // tile), -(-wo // tile)
+    _, irx = fft_output_matrices(size, tile)
+
+    def zrow(part):  # Z_r (part 0) or Z_i (1) of a kept row: H vectors, in registers
+        def f(y, v, pp, c):
+            acc = None
+            for u in range(size):
+                mr, mi = (mm[u * half + v, pp, c // nb, t, c % nb] for t in (0, 1))
+                cu, su = liy[y, u], liy[tile + y, u]
+                a = cu * mr - su * mi if part == 0 else su * mr + cu * mi
+                acc = a if acc is None else acc + a
+            return acc
+        return _rows_te(tile, half, (p, co), f, f"{FFT_OUT_ROWS_BLOCK}_{part}")
+
+    z = (zrow(0), zrow(1))
+
+    def out(b, c, yy, xx):
+        pp = (b * th + yy // tile) * tw + xx // tile
+        acc = _row_times(irx, xx % tile,
+                         lambda k: _row_at(z[k // half], yy % tile, k % half, pp, c))
+        return acc + bias[c] if bias is not None else acc
+
+    if block:
+        return te.compute((n, co // block, ho, wo, block),
+                          lambda b, cc, yy, xx, cb: out(b, cc * block + cb, yy, xx),
+                          name=f"{FFT_OUTPUT_BLOCK}_t{tile}")
+    return te.compute((n, co, ho, wo), out, name=f"{FFT_OUTPUT_BLOCK}_t{tile}")
+
+
+#: FFT convolution as three kernels: the forward transform (tiles, both DFTs) and the
+#: inverse (both inverse DFTs, untiling, bias and what fuses after) each one kernel
+#: vectorized over channels, reading and writing the blocked layout of their neighbours
+#: (:func:`blocked_winograd`).  False composes them of matrix products, transposes and
+#: gathers, each its own kernel over a tensor of all tiles (``--ab FUSED_FFT``).
+FUSED_FFT = True
+
+#: (Unfused FFT only) let ``FuseOps`` fuse the FFT's tile gather into its producer (the previous layer's
+#: untiling, an element-wise op between).  False keeps it a kernel of its own.
+FUSE_FFT_TILES = False
+
+
 @register_lowering(torch.ops.slimfx.fft_conv2d.default)
 def _lower_fft(node, importer):
     from tvm import relax
@@ -829,8 +1100,25 @@ def _lower_fft(node, importer):
     nb = nb // 2 if nb % 32 == 0 else nb
     w_pack = bb.emit(op.permute_dims(op.reshape(w_hat, (2, size * half, ci, co // nb, nb)),
                                      [1, 3, 2, 0, 4]))
+    if FUSED_FFT:
+        ly = relax.const(fft_input_matrices(size)[0])
+        v = bb.emit_te(lambda a, tab: _fft_input_te(a, tab, size, t, ph, pw, ho, wo), x, ly,
+                       primfunc_name_hint="fft_input",
+                       primfunc_attrs={_ROLE: "input", "slimfx.tile": t,
+                                       "slimfx.padding": [ph, pw], "slimfx.fft_size": size,
+                                       "slimfx.out_hw": [ho, wo]})
+        mm = bb.emit_te(lambda a, b: _fft_complex_gemm_te(a, b, size), v, w_pack,
+                        primfunc_name_hint="fft_cmatmul")
+        liy = relax.const(fft_output_matrices(size, t)[0])
+        return bb.emit_te(lambda m, tab, *b: _fft_output_te(m, b[0] if b else None, tab, size,
+                                                            t, n, ho, wo),
+                          mm, liy, *([bias] if bias is not None else []),
+                          primfunc_name_hint="fft_output",
+                          primfunc_attrs={"op_pattern": 4, _ROLE: "output",
+                                          "slimfx.tile": t, "slimfx.fft_size": size})
     d = bb.emit_te(lambda a: _fft_tiles_te(a, size, t, ph, pw, ho, wo), x,
-                   primfunc_name_hint="fft_tiles")  # P, Ci, N, N
+                   primfunc_name_hint="fft_tiles",
+                   primfunc_attrs=None if FUSE_FFT_TILES else {"op_pattern": 8})  # P, Ci, N, N
     rows = ntiles * ci
     a = gemm(d, mats["rx"], (1, rows * size, size), None)  # (P Ci N(y)), 2H: [Ar | Ai]
     ca = gemm(mats["ly"], a, None, (rows, size, 2 * half))  # P Ci, 2N: [C A; S A], 2H
@@ -958,6 +1246,32 @@ def blocked_winograd(mod, lanes: int):
             v = self._emit(binding, relax.op.layout_transform(vb, cs._unblock_map(cb)))
             self.alias[v] = (vb, cb)
 
+        def _rewrite_fft(self, binding, r, ins) -> bool:
+            size, t = int(r[1]["slimfx.fft_size"]), int(r[1]["slimfx.tile"])
+            if r[0] == "input":
+                twin = self.alias.get(ins[0])
+                if twin is None:
+                    return False
+                ph, pw = (int(p) for p in r[1]["slimfx.padding"])
+                ho, wo = (int(p) for p in r[1]["slimfx.out_hw"])
+                var = self.builder_.emit_te(
+                    lambda d, tab: _fft_input_te(d, tab, size, t, ph, pw, ho, wo), twin[0],
+                    ins[1], primfunc_name_hint="fft_input",
+                    primfunc_attrs={_ROLE: "input_blocked"})
+                self.set_var_remap(binding.var, var)
+                return True
+            n, co, ho, wo = cs._shape(binding.var)
+            cb = wanted_block(binding.var, co)
+            if not cb or co % cb:
+                return False
+            vb = self.builder_.emit_te(  # (M, liy, bias) or (M, liy)
+                lambda mt, tab, *b: _fft_output_te(mt, b[0] if b else None, tab, size, t, n,
+                                                   ho, wo, cb), *ins,
+                primfunc_name_hint="fft_output",
+                primfunc_attrs={"op_pattern": 4, _ROLE: "output_blocked", "slimfx.tile": t})
+            self._emit_blocked(binding, vb, cb)
+            return True
+
         def visit_var_binding_(self, binding) -> None:
             call = binding.value
             if not isinstance(binding.var, relax.DataflowVar) or not isinstance(call, relax.Call) \
@@ -979,6 +1293,8 @@ def blocked_winograd(mod, lanes: int):
                 self.set_var_remap(binding.var, twin[0])
                 return True
             r = role(call)
+            if r is not None and "slimfx.fft_size" in r[1]:
+                return self._rewrite_fft(binding, r, list(args[1].fields))
             if r is not None:
                 ins = list(args[1].fields)
                 m = int(r[1]["slimfx.tile"])
