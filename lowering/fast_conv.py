@@ -26,7 +26,14 @@ Winograd F(m x m, 3 x 3) becomes three kernels (``alpha = m + 2``, ``P`` tiles):
    marked out-element-wise-fusable, like a convolution, so the next layer's input
    transform never fuses into it (recomputing it per use).
 
-FFT convolution is composed of Relax ops on ``N x N`` overlap-save tiles: a real DFT along
+FFT convolution (:data:`FUSED_FFT`, the default) is three kernels on ``N x N``
+overlap-save tiles, like Winograd's: the forward transform (per tile and block of input
+channels: for each frequency row ``u <= N/2`` the rows ``R_C``, ``R_S`` of the DFT along
+``y``, then the real DFT along ``x`` giving rows ``u`` and ``N - u`` at once, the input being
+real), the spectral product below, and the inverse transform (per kept output row, the
+inverse DFT along ``y``, then along ``x`` for the kept columns, plus the bias and the ops
+fused after), vectorized over channels and reading and writing the blocked layout of their
+neighbours.  Without it, FFT convolution is composed of Relax ops: a real DFT along
 ``x`` and a complex DFT along ``y`` as matrix products with precomputed twiddle matrices
 (for ``N <= 32`` a matrix DFT is as fast as any FFT), the spectral product as one complex
 GEMM per frequency (``Re M = Re V Re W - Im V Im W``, ``Im M = Re V Im W + Im V Re W``,
@@ -869,50 +876,6 @@ def _clean(matrix: np.ndarray) -> np.ndarray:
     return out.astype("float32")
 
 
-#: Vectors (of up to 16 lanes) per piece of the fused FFT transforms' row intermediates:
-#: a row of 15 is under TVM's 1 KB limit for a CPU stack buffer (kept in registers or on
-#: the stack); a longer one would be allocated from the workspace pool every row.  Rows
-#: of 22 or 30 values (N = 22, 30) are computed in pieces.
-ROW_VECTORS = 15
-
-
-def _row_chunks(extent: int, limit: int = ROW_VECTORS) -> list[tuple[int, int]]:
-    """``extent`` cut into near-equal pieces of at most ``limit``: ``(start, length)``.
-
-    >>> _row_chunks(14), _row_chunks(30), _row_chunks(22)
-    ([(0, 14)], [(0, 15), (15, 15)], [(0, 11), (11, 11)])
-    """
-    base = -(-extent // -(-extent // limit))
-    return [(s0, min(base, extent - s0)) for s0 in range(0, extent, base)]
-
-
-def _rows_te(lead: int, extent: int, tail: tuple, f, name: str) -> list:
-    """``te.compute((lead, extent, *tail), f)`` in pieces along its second axis
-    (:func:`_row_chunks`), as ``[(start, tensor)]``; read with :func:`_row_at`."""
-    from tvm import te
-
-    def piece(i: int, s0: int, ln: int):
-        return te.compute((lead, ln, *tail), lambda a, j, *rest: f(a, j + s0, *rest),
-                          name=f"{name}c{i}")
-    return [(s0, piece(i, s0, ln)) for i, (s0, ln) in enumerate(_row_chunks(extent))]
-
-
-def _row_at(pieces: list, a, j, *rest):
-    """Element ``[a, j, *rest]`` of :func:`_rows_te`'s pieces: ``j`` an int, or symbolic
-    (a Select over the pieces, which folds once ``j`` is unrolled)."""
-    from tvm import tirx
-
-    if isinstance(j, int):
-        s0, t = next((s0, t) for s0, t in reversed(pieces) if j >= s0)
-        return t[a, j - s0, *rest]
-    val = None
-    for s0, t in reversed(pieces):
-        ln = int(t.shape[1])
-        e = t[a, tirx.max(tirx.min(j - s0, ln - 1), 0), *rest]
-        val = e if val is None else tirx.Select(j >= s0 + ln, val, e)
-    return val
-
-
 def fft_input_matrices(size: int) -> tuple[np.ndarray, np.ndarray]:
     """The fused forward transform's constants: ``ly`` (2N, N), ``[cos; sin]`` of
     ``2 pi u y / N`` (a table the kernel reads, row ``u`` not unrolled), and the real DFT
@@ -979,7 +942,7 @@ def _fft_input_te(x, ly, size: int, tile: int, ph: int, pw: int, ho: int, wo: in
         name=PAD_BLOCK)
     _, dft = fft_input_matrices(size)
 
-    def rows(part):  # R_C (part 0) or R_S (1): a row u is N vectors, in registers
+    def rows(part):  # R_C (part 0) or R_S (1): a row u is N vectors
         def f(u, j, p, c):
             b, t = p // (th * tw), p % (th * tw)
             y0, x0 = t // tw * tile, t % tw * tile
@@ -987,7 +950,7 @@ def _fft_input_te(x, ly, size: int, tile: int, ph: int, pw: int, ho: int, wo: in
             for yy in range(1, size):
                 acc = acc + ly[part * size + u, yy] * pad[b, y0 + yy, x0 + j, c]
             return acc
-        return _rows_te(half, size, (n * th * tw, ci), f, f"{FFT_IN_ROWS_BLOCK}_{part}")
+        return te.compute((half, size, n * th * tw, ci), f, name=f"{FFT_IN_ROWS_BLOCK}_{part}")
 
     r = (rows(0), rows(1))
     # the DFT along x shared by rows u and N - u: A = R_C cos, B = R_S (-sin), C = R_C
@@ -995,16 +958,16 @@ def _fft_input_te(x, ly, size: int, tile: int, ph: int, pw: int, ho: int, wo: in
     cos, msin = dft[0, 0][:, :size], dft[0, 0][:, size:]
 
     def dft_x(i, m, src):
-        return _rows_te(half, half, (n * th * tw, ci),
-                        lambda u, v, p, c: _row_times(m, v, lambda j: _row_at(src, u, j, p, c)),
-                        f"{FFT_IN_ROWS_BLOCK}_s{i}")
+        return te.compute((half, half, n * th * tw, ci),
+                          lambda u, v, p, c: _row_times(m, v, lambda j: src[u, j, p, c]),
+                          name=f"{FFT_IN_ROWS_BLOCK}_s{i}")
 
     sums = [dft_x(i, m, src)
             for i, (m, src) in enumerate(((cos, r[0]), (msin, r[1]), (msin, r[0]), (cos, r[1])))]
 
     def spec(q, p, part, c):
         u, which, v = q // (2 * half), q // half % 2, q % half
-        a, b, cc, d = (_row_at(t, u, v, p, c) for t in sums)
+        a, b, cc, d = (t[u, v, p, c] for t in sums)
         sign = tirx.Select(which == 0, tirx.const(1.0, "float32"), tirx.const(-1.0, "float32"))
         return tirx.Select(part == 0, a + sign * b, cc - sign * d)
 
@@ -1025,7 +988,7 @@ def _fft_output_te(mm, bias, liy, size: int, tile: int, n: int, ho: int, wo: int
     channel-blocked ``NCHW{block}c``: per kept row ``y`` of a tile,
     ``Z[y, v] = sum_u e^{2 pi i u y / N} M[u, v]`` (``[Z_r | Z_i]``), then the inverse
     real DFT along ``x`` for the ``T`` kept columns, plus the bias."""
-    from tvm import te, tirx
+    from tvm import te
 
     half = size // 2 + 1
     _, p, panels, _, nb = cs._ints(mm.shape)
@@ -1033,7 +996,7 @@ def _fft_output_te(mm, bias, liy, size: int, tile: int, n: int, ho: int, wo: int
     th, tw = -(-ho // tile), -(-wo // tile)
     _, irx = fft_output_matrices(size, tile)
 
-    def zrow(part):  # Z_r (part 0) or Z_i (1) of a kept row: H vectors, in registers
+    def zrow(part):  # Z_r (part 0) or Z_i (1) of a kept row: H vectors
         def f(y, v, pp, c):
             acc = None
             for u in range(size):
@@ -1042,14 +1005,13 @@ def _fft_output_te(mm, bias, liy, size: int, tile: int, n: int, ho: int, wo: int
                 a = cu * mr - su * mi if part == 0 else su * mr + cu * mi
                 acc = a if acc is None else acc + a
             return acc
-        return _rows_te(tile, half, (p, co), f, f"{FFT_OUT_ROWS_BLOCK}_{part}")
+        return te.compute((tile, half, p, co), f, name=f"{FFT_OUT_ROWS_BLOCK}_{part}")
 
     z = (zrow(0), zrow(1))
 
     def out(b, c, yy, xx):
         pp = (b * th + yy // tile) * tw + xx // tile
-        acc = _row_times(irx, xx % tile,
-                         lambda k: _row_at(z[k // half], yy % tile, k % half, pp, c))
+        acc = _row_times(irx, xx % tile, lambda k: z[k // half][yy % tile, k % half, pp, c])
         return acc + bias[c] if bias is not None else acc
 
     if block:

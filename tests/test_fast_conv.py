@@ -304,8 +304,11 @@ def test_compiled_fast_convs_match_direct(compiled_net):
     assert graph["outputs"] == ["f32[1,8,11,11]"]
     kernels = cm.manifest["build"]["kernels"]
     assert kernels["winograd_input"] == 3 and kernels["winograd_output"] == 3
-    assert kernels["winograd_gemm"] == 3 and kernels["fft_gemm"] >= 4  # the 4 matrix DFTs
-    assert kernels["fft_complex_gemm"] == 1  # the spectral product, on (Re, Im) pairs
+    assert kernels["winograd_gemm"] == 3
+    # FFT: forward and inverse transforms one hand-scheduled kernel each, and the spectral
+    # product on (Re, Im) pairs; no matrix DFT of its own
+    assert kernels["fft_input"] == 1 and kernels["fft_output"] == 1 and "fft_gemm" not in kernels
+    assert kernels["fft_complex_gemm"] == 1
     assert kernels["conv"] == 2  # stem and 1x1 stay direct (blocked)
     for seed in (1, 2):
         y = torch.randn_like(x, generator=torch.Generator().manual_seed(seed))
@@ -327,6 +330,36 @@ def test_each_compiled_op_alone_matches_direct_in_nchw(algo):
     y = torch.randn_like(x)
     with torch.no_grad():
         assert _rel(cm(y), conv(y)) <= tol
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("cin,cout,size,k,tile,batch,bias", [
+    (16, 32, 12, 5, 10, 1, True),    # N = 14, 4 tiles (2 guarded), blocked between layers
+    (8, 16, 9, 7, 0, 2, False),      # the cost model's tile; batch 2, no bias
+    (16, 16, 14, 11, 12, 1, True),   # N = 22
+    (16, 16, 10, 11, 20, 1, True),   # N = 30: one tile larger than the map
+    (6, 20, 8, 5, 2, 1, True),       # N = 6; channel counts no vector divides
+])
+def test_compiled_fft_matches_direct(fused, cin, cout, size, k, tile, batch, bias, monkeypatch):
+    """Two FFT layers with a ReLU between (the second reads the first's blocked output),
+    fused transforms or composed of matrix DFTs (FUSED_FFT), against PyTorch."""
+    from slimfx.lowering import fast_conv as lf
+
+    monkeypatch.setattr(lf, "FUSED_FFT", fused)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias), nn.ReLU(),
+                          nn.Conv2d(cout, cout, k, padding=k // 2, bias=bias)).eval()
+    x = torch.randn(batch, cin, size, size)
+    cm = slimfx.compile(model, x, pipeline=f"fft-conv{{tile={tile}}}", atol=fc.FFT_TOLERANCE)
+    kernels = cm.manifest["build"]["kernels"]
+    assert kernels["fft_complex_gemm"] >= 1  # one PrimFunc where the two layers share shapes
+    if fused:  # hand-scheduled (a schedule that raises would fall back to "generic")
+        assert kernels["fft_input"] == 2 and kernels["fft_output"] == 2, kernels
+    else:
+        assert "fft_input" not in kernels and kernels["fft_gemm"] >= 4, kernels
+    y = torch.randn_like(x)
+    with torch.no_grad():
+        assert _rel(cm(y), model(y)) <= fc.FFT_TOLERANCE
 
 
 @pytest.mark.parametrize("algo,cin,cout,size,k", [

@@ -1051,3 +1051,4 @@ def test_fast_conv_kernels_allocate_nothing_per_task(monkeypatch):
     monkeypatch.setattr(lf, "ROW_TRANSFORMS", False)
     monkeypatch.setattr(lf, "STACK_ACCUMULATORS", False)
     assert len(_workspace_kernels(model, x, pipeline, monkeypatch)) >= 3
+
