@@ -232,9 +232,9 @@ INPUT_ROWS_BLOCK = "wino_in_rows"
 OUTPUT_ROWS_BLOCK = "wino_out_rows"
 
 
-def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int, factored: bool = False):
-    """``x`` is ``NCHW`` or channel-blocked ``NCHW{cb}c`` (5-D); ``factored``: the columns
-    of ``V`` scaled by :func:`factored_weights`' ``c``, for a GEMM that reads ``H``."""
+def _padded_nhwc(x, ph: int, pw: int, hp: int, wp: int):
+    """``x`` (``NCHW``, or channel-blocked ``NCHW{cb}c``: 5-D) zero-padded by ``(ph, pw)``
+    to ``hp x wp``, channels last (contiguous vectors for the transforms): ``(pad, N, C)``."""
     from tvm import te, tirx
 
     if len(x.shape) == 5:
@@ -248,17 +248,26 @@ def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int, factored: bo
 
         def load(b, c, y, xx):
             return x[b, c, y, xx]
-    alpha = bt.shape[0]
-    r = alpha - m + 1
-    ho, wo = h + 2 * ph - r + 1, w + 2 * pw - r + 1
-    th, tw = -(-ho // m), -(-wo // m)
-    hp, wp = th * m + r - 1, tw * m + r - 1
     pad = te.compute(
         (n, hp, wp, ci),
         lambda b, y, xx, c: tirx.if_then_else(
             tirx.all(y >= ph, y < ph + h, xx >= pw, xx < pw + w),
             load(b, c, y - ph, xx - pw), tirx.const(0.0, x.dtype)),
         name=PAD_BLOCK)
+    return pad, n, ci
+
+
+def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int, factored: bool = False):
+    """``x`` is ``NCHW`` or channel-blocked ``NCHW{cb}c`` (5-D); ``factored``: the columns
+    of ``V`` scaled by :func:`factored_weights`' ``c``, for a GEMM that reads ``H``."""
+    from tvm import te
+
+    alpha = bt.shape[0]
+    r = alpha - m + 1
+    h, w = cs._ints(x.shape)[2:4]
+    ho, wo = h + 2 * ph - r + 1, w + 2 * pw - r + 1
+    th, tw = -(-ho // m), -(-wo // m)
+    pad, n, ci = _padded_nhwc(x, ph, pw, th * m + r - 1, tw * m + r - 1)
 
     def tile_origin(p):
         b, t = p // (th * tw), p % (th * tw)
@@ -920,26 +929,9 @@ def _fft_input_te(x, ly, size: int, tile: int, ph: int, pw: int, ho: int, wo: in
     (row ``u``) and of ``R_C + i R_S`` (row ``N - u``)."""
     from tvm import te, tirx
 
-    if len(x.shape) == 5:
-        n, cc, h, w, cb = cs._ints(x.shape)
-        ci = cc * cb
-
-        def load(b, c, y, xx):
-            return x[b, c // cb, y, xx, c % cb]
-    else:
-        n, ci, h, w = cs._ints(x.shape)
-
-        def load(b, c, y, xx):
-            return x[b, c, y, xx]
     half = size // 2 + 1
     th, tw = -(-ho // tile), -(-wo // tile)
-    hp, wp = (th - 1) * tile + size, (tw - 1) * tile + size
-    pad = te.compute(
-        (n, hp, wp, ci),
-        lambda b, y, xx, c: tirx.if_then_else(
-            tirx.all(y >= ph, y < ph + h, xx >= pw, xx < pw + w),
-            load(b, c, y - ph, xx - pw), tirx.const(0.0, x.dtype)),
-        name=PAD_BLOCK)
+    pad, n, ci = _padded_nhwc(x, ph, pw, (th - 1) * tile + size, (tw - 1) * tile + size)
     _, dft = fft_input_matrices(size)
 
     def rows(part):  # R_C (part 0) or R_S (1): a row u is N vectors
