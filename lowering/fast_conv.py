@@ -358,23 +358,35 @@ def _winograd_output_te(mm, bias, at: np.ndarray, n: int, ho: int, wo: int, bloc
     from tvm import te
 
     m, alpha = at.shape
-    th, tw = -(-ho // m), -(-wo // m)
     co = int(mm.shape[2])
     # (A^T M)[i, nu] = sum_eps A^T[i, eps] M[(eps, nu)]
     am = te.compute((m, alpha, int(mm.shape[1]), co),
                     lambda i, nu, p, c: _row_times(at, i, lambda eps: mm[eps * alpha + nu, p, c]),
                     name=OUTPUT_ROWS_BLOCK)
 
-    def y(b, c, yy, xx):  # ((A^T M) A)[i, j] = sum_nu (A^T M)[i, nu] A^T[j, nu] of the tile
-        p = (b * th + yy // m) * tw + xx // m
-        acc = _row_times(at, xx % m, lambda nu: am[yy % m, nu, p, c])
+    def y(p, c, i, j):  # ((A^T M) A)[i, j] = sum_nu (A^T M)[i, nu] A^T[j, nu] of tile p
+        return _row_times(at, j, lambda nu: am[i, nu, p, c])
+
+    return _tiled_output_te(y, bias, m, n, co, ho, wo, block, f"{OUTPUT_BLOCK}_m{m}")
+
+
+def _tiled_output_te(value, bias, m: int, n: int, co: int, ho: int, wo: int, block: int,
+                     name: str):
+    """The output of ``m x m`` tiles, ``NCHW`` or channel-blocked ``NCHW{block}c`` with
+    ``block`` > 0: ``value(p, c, i, j)`` at row ``i``, column ``j`` of tile ``p``, plus
+    the bias."""
+    from tvm import te
+
+    th, tw = -(-ho // m), -(-wo // m)
+
+    def y(b, c, yy, xx):
+        acc = value((b * th + yy // m) * tw + xx // m, c, yy % m, xx % m)
         return acc + bias[c] if bias is not None else acc
 
     if block:
         return te.compute((n, co // block, ho, wo, block),
-                          lambda b, cc, yy, xx, cb: y(b, cc * block + cb, yy, xx),
-                          name=f"{OUTPUT_BLOCK}_m{m}")
-    return te.compute((n, co, ho, wo), y, name=f"{OUTPUT_BLOCK}_m{m}")
+                          lambda b, cc, yy, xx, cb: y(b, cc * block + cb, yy, xx), name=name)
+    return te.compute((n, co, ho, wo), y, name=name)
 
 
 @register_lowering(torch.ops.slimfx.winograd_conv2d.default)
@@ -985,7 +997,6 @@ def _fft_output_te(mm, bias, liy, size: int, tile: int, n: int, ho: int, wo: int
     half = size // 2 + 1
     _, p, panels, _, nb = cs._ints(mm.shape)
     co = panels * nb
-    th, tw = -(-ho // tile), -(-wo // tile)
     _, irx = fft_output_matrices(size, tile)
 
     def zrow(part):  # Z_r (part 0) or Z_i (1) of a kept row: H vectors
@@ -1001,16 +1012,10 @@ def _fft_output_te(mm, bias, liy, size: int, tile: int, n: int, ho: int, wo: int
 
     z = (zrow(0), zrow(1))
 
-    def out(b, c, yy, xx):
-        pp = (b * th + yy // tile) * tw + xx // tile
-        acc = _row_times(irx, xx % tile, lambda k: z[k // half][yy % tile, k % half, pp, c])
-        return acc + bias[c] if bias is not None else acc
+    def out(pp, c, i, j):
+        return _row_times(irx, j, lambda k: z[k // half][i, k % half, pp, c])
 
-    if block:
-        return te.compute((n, co // block, ho, wo, block),
-                          lambda b, cc, yy, xx, cb: out(b, cc * block + cb, yy, xx),
-                          name=f"{FFT_OUTPUT_BLOCK}_t{tile}")
-    return te.compute((n, co, ho, wo), out, name=f"{FFT_OUTPUT_BLOCK}_t{tile}")
+    return _tiled_output_te(out, bias, tile, n, co, ho, wo, block, f"{FFT_OUTPUT_BLOCK}_t{tile}")
 
 
 #: FFT convolution as three kernels: the forward transform (tiles, both DFTs) and the
