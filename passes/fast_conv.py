@@ -633,7 +633,11 @@ ALGOS = ("winograd2", "winograd4", "fft")
 #: weights serve few tiles, pay their full reads).  The constants before this one (fitted to
 #: layers compiled alone, no overlap term) picked FFT for 64 channels 56x56 5x5 (0.94x in
 #: the chain) and direct for F(4,3) at 64 channels 28x28 (1.30x); these pick the reverse, and
-#: the same layers as before on ResNet-18 and ResNet-50 at 224.
+#: the same layers as before on ResNet-18 and ResNet-50 at 224.  The FFT terms now count
+#: the fused transforms (``slimfx.lowering.fast_conv.FUSED_FFT``); with these constants they
+#: pick FFT at 7 of the grid's 12 large-kernel layers, each faster in the chain, and no
+#: slower one on a Zen 4 host (``--chain 4 --fit``; the refit there took FFT at 256
+#: channels 7x7 7x7, 0.84x, so the constants stay).
 MODEL = {"direct_eff": 0.8, "gemm_eff": 0.919, "transform_eff": 1.0, "dft_eff": 0.149,
          "bytes_per_ns": 15.7, "kernel_overhead_ms": 0.0204, "direct_overlap": 0.522}
 
@@ -675,10 +679,10 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     ``direct_overlap`` of the shorter of a direct convolution's compute and weight-read times
     is hidden behind the other.
     Transformed weights are larger than the direct ones (F(4,3): 4x, FFT: ``2 N (N/2+1) / k^2``),
-    which decides small feature maps with many channels.  ``blocked`` (CPU targets, where
-    direct convolutions share their neighbours' ``NCHW{c}c`` layout): FFT also pays
-    converting its input and output to and from NCHW (two more kernels); Winograd's
-    transforms read and write the blocked layout themselves.
+    which decides small feature maps with many channels.  ``blocked``: a CPU target (where
+    F(4,3) on few tiles reads ``H``, half of ``U``).  The transforms of both read and write
+    the blocked layout of their neighbours; FFT's forward transform also copies its input
+    (padded, channels last).
     ``model`` replaces :data:`MODEL`'s constants (``bench/fast_conv.py --fit`` tries some).
     ``weight_bytes``: bytes per element of the transformed weights (2 with
     ``weight_dtype=float16``).
@@ -717,7 +721,11 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
         size = t + k - 1
         half = size // 2 + 1
         bins = 2 * size * half
-        per_tile_in = per_tile_out = 3 * size ** 3
+        # the fused transforms (slimfx.lowering.fast_conv.FUSED_FFT), per tile and channel:
+        # forward, the y-DFT's rows u <= N/2 and the x-DFT's partial sums; inverse, per kept
+        # row the y-inverse, then the x-inverse of the kept columns
+        per_tile_in = 2 * size * size * half + 4 * size * half * half
+        per_tile_out = 4 * t * size * half + 2 * t * t * half
         tiles = n * -(-ho // t) * -(-wo // t)
         gemm = 2 * tiles * size * half * 4 * ci * co
         weights = weight_bytes * size * half * 2 * ci * co  # (Re, Im) pairs per frequency
@@ -726,9 +734,8 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     transform = 2 * tiles * (ci * per_tile_in + co * per_tile_out)
     traffic = 4 * tiles * bins * (ci + co) * 2  # transformed input and output, written and read
     launches = 3
-    if blocked and algo == "fft":  # layout conversions of the input and output, read and written
-        traffic += 4 * 2 * n * (ci * p.in_shape[2] * p.in_shape[3] + co * ho * wo)
-        launches += 2
+    if algo == "fft":  # the forward transform's padded copy of the input, written and read
+        traffic += 4 * 2 * tiles * ci * t * t
     eff = M["transform_eff"] if algo != "fft" else M["dft_eff"]
     return (gemm / (M["gemm_eff"] * peak) + transform / (eff * peak)
             + (traffic + weights) / bw + launches * M["kernel_overhead_ms"])
@@ -811,8 +818,8 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
     Each candidate is compiled in that frame (random weights of the layer's shape) with
     :func:`slimfx.compile`; rounds alternate the candidates so all see the same load.  The
     frame matters on CPU targets: direct convolutions (and Winograd's transforms) run in
-    the blocked ``NCHW{c}c`` layout like their neighbours, while the FFT op converts its
-    input and output to and from NCHW.  A layer compiled alone gets it backwards (there
+    the blocked ``NCHW{c}c`` layout like their neighbours (and so do the transforms of
+    Winograd and FFT).  A layer compiled alone gets it backwards (there
     the direct layer pays the conversions at the model's ends), and picked Winograd on
     ResNet-18 layers that made the whole model slower (0.93x, ``bench/fast_conv.py``,
     before Winograd read the blocked layout).  The times
