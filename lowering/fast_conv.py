@@ -1022,7 +1022,9 @@ def _fft_output_te(mm, bias, liy, size: int, tile: int, n: int, ho: int, wo: int
 #: inverse (both inverse DFTs, untiling, bias and what fuses after) each one kernel
 #: vectorized over channels, reading and writing the blocked layout of their neighbours
 #: (:func:`blocked_winograd`).  False composes them of matrix products, transposes and
-#: gathers, each its own kernel over a tensor of all tiles (``--ab FUSED_FFT``).
+#: gathers, each its own kernel over a tensor of all tiles (``--ab FUSED_FFT``).  Only CPU
+#: lowerings fuse: a CUDA build keeps the matrix DFTs, which dlight schedules as GEMMs
+#: (the fused kernels have no GPU schedule, and no GPU was at hand to measure one).
 FUSED_FFT = True
 
 #: (Unfused FFT only) let ``FuseOps`` fuse the FFT's tile gather into its producer (the previous layer's
@@ -1059,7 +1061,7 @@ def _lower_fft(node, importer):
     nb = nb // 2 if nb % 32 == 0 else nb
     w_pack = bb.emit(op.permute_dims(op.reshape(w_hat, (2, size * half, ci, co // nb, nb)),
                                      [1, 3, 2, 0, 4]))
-    if FUSED_FFT:
+    if FUSED_FFT and target_kind() == "llvm":  # CPU schedules; CUDA keeps the matrix DFTs
         ly = relax.const(fft_input_matrices(size)[0])
         v = bb.emit_te(lambda a, tab: _fft_input_te(a, tab, size, t, ph, pw, ho, wo), x, ly,
                        primfunc_name_hint="fft_input",

@@ -433,6 +433,22 @@ def test_only_cpu_lowerings_read_half_transformed_weights():
     assert gemm_weight("llvm") == "6, 1, 3, 16, 32" and gemm_weight("cuda") == "36, 1, 16, 32"
 
 
+def test_only_cpu_lowerings_fuse_the_fft_transforms():
+    """The fused FFT transforms are CPU schedules: lowered for CUDA, the layer keeps the
+    matrix DFTs (GEMMs dlight schedules)."""
+    from slimfx.lowering.relax import to_relax
+
+    g = slimfx.run_pipeline(nn.Sequential(nn.Conv2d(8, 8, 5, padding=2)).eval(),
+                            "fft-conv", torch.randn(1, 8, 12, 12))
+
+    def calls(kind: str) -> set[str]:
+        text = to_relax(g, kind).mod["main"].script(show_meta=False)
+        return {n for n in ("fft_input", "fft_output", "fft_matmul", "fft_cmatmul") if n in text}
+
+    assert calls("llvm") == {"fft_input", "fft_output", "fft_cmatmul"}
+    assert calls("cuda") == {"fft_matmul", "fft_cmatmul"}
+
+
 @pytest.mark.parametrize("chunks", [True, False])
 def test_factored_gemm_runs_all_points_over_each_chunk_of_channels(chunks, monkeypatch):
     """FACTOR_K_CHUNKS: the six points of a factored GEMM task with one row tile (4 tiles)
