@@ -679,10 +679,10 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     ``direct_overlap`` of the shorter of a direct convolution's compute and weight-read times
     is hidden behind the other.
     Transformed weights are larger than the direct ones (F(4,3): 4x, FFT: ``2 N (N/2+1) / k^2``),
-    which decides small feature maps with many channels.  ``blocked``: a CPU target (where
-    F(4,3) on few tiles reads ``H``, half of ``U``).  The transforms of both read and write
-    the blocked layout of their neighbours; FFT's forward transform also copies its input
-    (padded, channels last).
+    which decides small feature maps with many channels.  ``blocked``: a CPU target, where
+    F(4,3) on few tiles reads ``H`` (half of ``U``) and FFT's transforms are fused kernels
+    (its forward transform also copies its input, padded, channels last); elsewhere FFT
+    uses matrix DFTs.
     ``model`` replaces :data:`MODEL`'s constants (``bench/fast_conv.py --fit`` tries some).
     ``weight_bytes``: bytes per element of the transformed weights (2 with
     ``weight_dtype=float16``).
@@ -721,11 +721,13 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
         size = t + k - 1
         half = size // 2 + 1
         bins = 2 * size * half
-        # the fused transforms (slimfx.lowering.fast_conv.FUSED_FFT), per tile and channel:
-        # forward, the y-DFT's rows u <= N/2 and the x-DFT's partial sums; inverse, per kept
-        # row the y-inverse, then the x-inverse of the kept columns
-        per_tile_in = 2 * size * size * half + 4 * size * half * half
-        per_tile_out = 4 * t * size * half + 2 * t * t * half
+        if blocked:  # CPU: the fused transforms (slimfx.lowering.fast_conv.FUSED_FFT), per
+            # tile and channel: forward, the y-DFT's rows u <= N/2 and the x-DFT's partial
+            # sums; inverse, per kept row the y-inverse, then the x-inverse of the kept columns
+            per_tile_in = 2 * size * size * half + 4 * size * half * half
+            per_tile_out = 4 * t * size * half + 2 * t * t * half
+        else:  # matrix DFTs
+            per_tile_in = per_tile_out = 3 * size ** 3
         tiles = n * -(-ho // t) * -(-wo // t)
         gemm = 2 * tiles * size * half * 4 * ci * co
         weights = weight_bytes * size * half * 2 * ci * co  # (Re, Im) pairs per frequency
@@ -734,7 +736,7 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     transform = 2 * tiles * (ci * per_tile_in + co * per_tile_out)
     traffic = 4 * tiles * bins * (ci + co) * 2  # transformed input and output, written and read
     launches = 3
-    if algo == "fft":  # the forward transform's padded copy of the input, written and read
+    if algo == "fft" and blocked:  # the fused forward transform's padded copy of the input
         traffic += 4 * 2 * tiles * ci * t * t
     eff = M["transform_eff"] if algo != "fft" else M["dft_eff"]
     return (gemm / (M["gemm_eff"] * peak) + transform / (eff * peak)
