@@ -887,8 +887,6 @@ def _fft_inverse_y_te(z, tile: int, half: int):
     return te.compute((p, co, tile, 2 * half), f, name="fft_inverse_y")
 
 
-
-
 def _clean(matrix: np.ndarray) -> np.ndarray:
     """Twiddles rounded where they are 0 or +-1 up to float error (so they drop out or
     become adds), as float32."""
