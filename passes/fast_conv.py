@@ -819,9 +819,9 @@ def measure_layer(p: ConvParams, algos, target: str = "host", repeat: int = 10,
 
     Each candidate is compiled in that frame (random weights of the layer's shape) with
     :func:`slimfx.compile`; rounds alternate the candidates so all see the same load.  The
-    frame matters on CPU targets: direct convolutions (and Winograd's transforms) run in
-    the blocked ``NCHW{c}c`` layout like their neighbours (and so do the transforms of
-    Winograd and FFT).  A layer compiled alone gets it backwards (there
+    frame matters on CPU targets: direct convolutions and the transforms of Winograd and
+    FFT run in the blocked ``NCHW{c}c`` layout like their neighbours.  A layer compiled
+    alone gets it backwards (there
     the direct layer pays the conversions at the model's ends), and picked Winograd on
     ResNet-18 layers that made the whole model slower (0.93x, ``bench/fast_conv.py``,
     before Winograd read the blocked layout).  The times
