@@ -587,7 +587,7 @@ def _tile_of(sch, block) -> int:
     try:
         return int(name.rsplit("_m" if "_m" in name else "_t", 1)[1])
     except (IndexError, ValueError):
-        raise LoweringError(f"Winograd output block '{name}' does not name its tile") from None
+        raise LoweringError(f"output transform block '{name}' does not name its tile") from None
 
 
 def _prefetch_bytes() -> int | None:
@@ -829,12 +829,14 @@ def _fft_complex_gemm_te(v, w, size: int = 0):
     half = size // 2 + 1
 
     def f(e, i, jo, t, c):
-        ve = fft_slot(e // half, size) * half + e % half if size else e
         re, im = w[e, jo, rk, 0, c], w[e, jo, rk, 1, c]
         if w.dtype != v.dtype:  # a float16 spectrum: widened as it is read
             re, im = re.astype(v.dtype), im.astype(v.dtype)
         coef = tirx.Select(rs == t, re, tirx.Select(rs == 0, im, -im))
-        vv = v[ve, i, rs, rk] if len(v.shape) == 4 else v[ve, i, rs * ci + rk]
+        if size:
+            vv = v[fft_slot(e // half, size) * half + e % half, i, rs, rk]
+        else:
+            vv = v[e, i, rs * ci + rk]
         return te.sum(vv * coef, axis=[rk, rs])
 
     return te.compute((q, p, panels, 2, nb), f, name=FFT_CGEMM_BLOCK)
@@ -895,30 +897,29 @@ def _clean(matrix: np.ndarray) -> np.ndarray:
     return out.astype("float32")
 
 
-def fft_input_matrices(size: int) -> tuple[np.ndarray, np.ndarray]:
+def fft_input_matrices(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The fused forward transform's constants: ``ly`` (2N, N), ``[cos; sin]`` of
-    ``2 pi u y / N`` (a table the kernel reads, row ``u`` not unrolled), and the real DFT
-    along ``x`` of the rows ``R_C[u, x] = sum_y cos d``, ``R_S[u, x] = sum_y sin d``, as
-    ``(2, 2, H, 2N)``: ``[which, part, v]`` over ``[R_C | R_S]``.  ``which`` 0 gives
-    ``X[u, v]``, 1 gives ``X[N - u, v]`` (the input is real: ``R_C[N - u] = R_C[u]``,
-    ``R_S[N - u] = -R_S[u]``), so rows ``u <= N/2`` are all the kernel computes.
+    ``2 pi u y / N`` (a table the kernel reads, row ``u`` not unrolled), and ``cos``,
+    ``msin`` (H, N): ``cos`` and ``-sin`` of ``2 pi v x / N``, the real DFT along ``x``
+    (unrolled: they fold).  With the rows ``R_C[u, x] = sum_y cos d``, ``R_S[u, x] = sum_y
+    sin d`` and ``A = R_C cos``, ``B = R_S msin``, ``C = R_C msin``, ``D = R_S cos`` (summed
+    over ``x``): ``X[u, v] = A + B + i (C - D)`` and, the input being real,
+    ``X[N - u, v] = A - B + i (C + D)``, so rows ``u <= N/2`` are all the kernel computes.
 
-    >>> ly, dft = fft_input_matrices(6)
+    >>> ly, cos, msin = fft_input_matrices(6)
     >>> d = np.random.default_rng(0).standard_normal((6, 6))
-    >>> r = (ly @ d).reshape(2, 6, 6).transpose(1, 0, 2).reshape(6, 12)  # u, [R_C | R_S]
+    >>> rc, rs = (ly @ d)[:6], (ly @ d)[6:]  # u, x
+    >>> a, b, c, e = rc @ cos.T, rs @ msin.T, rc @ msin.T, rs @ cos.T
     >>> x = np.fft.rfft2(d)
-    >>> np.allclose(r @ dft[0, 0].T + 1j * (r @ dft[0, 1].T), x, atol=1e-5)
+    >>> np.allclose(a + b + 1j * (c - e), x, atol=1e-5)
     True
-    >>> np.allclose(r[1] @ dft[1, 0].T + 1j * (r[1] @ dft[1, 1].T), x[5], atol=1e-5)
+    >>> np.allclose(a[1] - b[1] + 1j * (c[1] + e[1]), x[5], atol=1e-5)
     True
     """
-    rx = dft_matrices(size, 1)["rx"]
+    mats = dft_matrices(size, 1)
     half = size // 2 + 1
-    cos, msin = rx[:, :half].T, rx[:, half:].T  # (H, N): cos, -sin of 2 pi x v / N
-    dft = np.stack([  # X[u] = sum_x (R_C - i R_S) e^{-i t};  X[N-u] = sum_x (R_C + i R_S) e^{-i t}
-        np.stack([np.concatenate([cos, msin], 1), np.concatenate([msin, -cos], 1)]),
-        np.stack([np.concatenate([cos, -msin], 1), np.concatenate([msin, cos], 1)])])
-    return _clean(dft_matrices(size, 1)["ly"]), _clean(dft)
+    rx = mats["rx"]  # (N, 2H): cos, -sin of 2 pi x v / N
+    return _clean(mats["ly"]), _clean(rx[:, :half].T), _clean(rx[:, half:].T)
 
 
 def fft_slot(u, size: int):
@@ -942,7 +943,7 @@ def _fft_input_te(x, ly, size: int, tile: int, ph: int, pw: int, ho: int, wo: in
     half = size // 2 + 1
     th, tw = -(-ho // tile), -(-wo // tile)
     pad, n, ci = _padded_nhwc(x, ph, pw, (th - 1) * tile + size, (tw - 1) * tile + size)
-    _, dft = fft_input_matrices(size)
+    _, cos, msin = fft_input_matrices(size)
 
     def rows(part):  # R_C (part 0) or R_S (1): a row u is N vectors
         def f(u, j, p, c):
@@ -957,7 +958,6 @@ def _fft_input_te(x, ly, size: int, tile: int, ph: int, pw: int, ho: int, wo: in
     r = (rows(0), rows(1))
     # the DFT along x shared by rows u and N - u: A = R_C cos, B = R_S (-sin), C = R_C
     # (-sin), D = R_S cos (H vectors each); then Re = A +- B, Im = C -+ D
-    cos, msin = dft[0, 0][:, :size], dft[0, 0][:, size:]
 
     def dft_x(i, m, src):
         return te.compute((half, half, n * th * tw, ci),
@@ -1047,13 +1047,6 @@ def _lower_fft(node, importer):
     ph, pw = (int(p) for p in padding)
     ho, wo = h + 2 * ph - k + 1, w + 2 * pw - k + 1
     ntiles = n * math.ceil(ho / t) * math.ceil(wo / t)
-    mats = {key: relax.const(v.astype("float32")[None]) for key, v in dft_matrices(size, t).items()}
-
-    def gemm(a, b, shape_a, shape_b):  # batched matmul through slimfx's GEMM schedule
-        a = bb.emit(op.reshape(a, shape_a)) if shape_a else a
-        b = bb.emit(op.reshape(b, shape_b)) if shape_b else b
-        return bb.emit_te(_batch_gemm_te, a, b, FFT_GEMM_BLOCK, primfunc_name_hint="fft_matmul")
-
     # (2, N, H, Ci, Co) -> (N*H, Co / nb, Ci, 2, nb): weight-only, lifted to load time
     nb = gemm_panel(ntiles, co)  # half its panel: a column is a (Re, Im) pair of vectors
     nb = nb // 2 if nb % 32 == 0 else nb
@@ -1075,6 +1068,13 @@ def _lower_fft(node, importer):
                           primfunc_name_hint="fft_output",
                           primfunc_attrs={"op_pattern": 4, _ROLE: "output",
                                           "slimfx.tile": t, "slimfx.fft_size": size})
+    mats = {key: relax.const(v.astype("float32")[None]) for key, v in dft_matrices(size, t).items()}
+
+    def gemm(a, b, shape_a, shape_b):  # batched matmul through slimfx's GEMM schedule
+        a = bb.emit(op.reshape(a, shape_a)) if shape_a else a
+        b = bb.emit(op.reshape(b, shape_b)) if shape_b else b
+        return bb.emit_te(_batch_gemm_te, a, b, FFT_GEMM_BLOCK, primfunc_name_hint="fft_matmul")
+
     d = bb.emit_te(lambda a: _fft_tiles_te(a, size, t, ph, pw, ho, wo), x,
                    primfunc_name_hint="fft_tiles",
                    primfunc_attrs=None if FUSE_FFT_TILES else {"op_pattern": 8})  # P, Ci, N, N
