@@ -114,6 +114,15 @@ FACTOR_TILES = 16
 PREFETCH_SMALL = True
 PREFETCH_BYTES = 1 << 17
 
+#: A transform-domain GEMM of one row (an FFT layer whose one tile covers the map, at batch
+#: 1) uses each weight once, in the order it is stored: a plain stream, left to the
+#: hardware prefetcher, without the next-task prefetches (``cpu_schedules``).  The FFT layers
+#: of one tile (256ch 7x7 7x7, 128 and 256ch 14x14 11x11) ran 1.09-1.19x faster without
+#: them; at four rows (F(4,3) on 7x7 maps) dropping them cost 0.76-0.82x, so only one row
+#: streams (``bench/fast_conv.py --ab STREAM_ONE_ROW --chain 4``, znver4).  False: one row
+#: prefetches too.  Read when a kernel is scheduled.
+STREAM_ONE_ROW = True
+
 #: A factored GEMM task (one ``eps``, one column panel) whose rows fit one register tile
 #: (at most 8 tiles: a 7x7 map at batch 1) runs its ``alpha`` points ``nu`` over chunks of
 #: :data:`FACTOR_K_CHUNK` input channels, all points on one chunk before the next: the
@@ -594,13 +603,19 @@ def _prefetch_bytes() -> int | None:
     return PREFETCH_BYTES if PREFETCH_SMALL else None
 
 
+def _prefetches(rows: int) -> bool:
+    """Whether a transform-domain GEMM of ``rows`` rows prefetches its next task's weights
+    (:data:`STREAM_ONE_ROW`)."""
+    return rows > 1 or not STREAM_ONE_ROW
+
+
 def _schedule_gemm(sch, block, lanes: int) -> None:
     # rows (tiles) x up to 4 vectors of output channels in registers (16 accumulators at
     # most), the reduction over input channels outside them; parallel over (point, column
     # panel), row tiles inside, so a panel of the (large) transformed weight is streamed
     # from memory once, in order when ``U`` is packed (:func:`gemm_panel`), and re-read
     # from L1 by the other row tiles; the next task's panel is prefetched meanwhile
-    # (:func:`cpu_schedules.prefetch_next_task`).
+    # (:func:`cpu_schedules.prefetch_next_task`) unless one row reads it (STREAM_ONE_ROW).
     e, i, j, k = sch.get_loops(block)
     rows, cols, k_extent = cs._extent(sch, i), cs._extent(sch, j), cs._extent(sch, k)
     packed = [r.source for r in sch.get(block).reads if len(r.source.shape) >= 4]
@@ -651,7 +666,7 @@ def _schedule_gemm(sch, block, lanes: int) -> None:
     sch.vectorize(sch.get_loops(acc)[-1])
     # task (point, panel) reads panel ``task`` of U: prefetch the next one
     span = math.prod(cs._ints(packed[0].shape)) // cs._extent(sch, task) if packed else 0
-    if packed and span % (k_extent * nb) == 0:
+    if packed and span % (k_extent * nb) == 0 and _prefetches(rows):
         cs.prefetch_next_task(sch, task, between, k, packed[0], span, min_bytes=_prefetch_bytes())
 
 
@@ -689,7 +704,8 @@ def _schedule_complex_gemm(sch, block, lanes: int) -> None:
     w = next(r.source for r in sch.get(block).reads
              if len(r.source.shape) == 5 and not r.source.same_as(local))
     _, _, ci, _, nb_w = cs._ints(w.shape)  # task (frequency, panel) reads one panel
-    cs.prefetch_next_task(sch, task, between, k, w, ci * 2 * nb_w, min_bytes=_prefetch_bytes())
+    if _prefetches(rows):
+        cs.prefetch_next_task(sch, task, between, k, w, ci * 2 * nb_w, min_bytes=_prefetch_bytes())
 
 
 def _schedule_fft_forward_y(sch, block, lanes: int) -> None:

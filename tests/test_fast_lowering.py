@@ -196,6 +196,34 @@ def test_transform_domain_gemms_prefetch_smaller_weights(small, monkeypatch):
     assert "llvm.prefetch" in cs.schedule_primfunc(conv, info).script()
 
 
+@pytest.mark.parametrize("kind", ["gemm", "fft"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_one_row_transform_domain_gemms_leave_the_stream_to_the_hardware(kind, stream, monkeypatch):
+    """A transform-domain GEMM of one row (an FFT tile covering the map, batch 1) reads each
+    weight once, in order: no next-task prefetches (STREAM_ONE_ROW); two rows keep them."""
+    from tvm import te
+
+    from slimfx.lowering import fast_conv as lf
+
+    monkeypatch.setattr(lf, "STREAM_ONE_ROW", stream)
+    monkeypatch.setattr(cs, "SERIAL_BELOW", 0)
+    info = host_target()
+
+    def prefetches(rows: int) -> bool:
+        if kind == "gemm":  # F(4,3), 256 -> 256 channels: 9.4 MB of U
+            v = te.placeholder((36, rows, 256), name="v")
+            w = te.placeholder((36, 4, 256, 64), name="u")
+            out = lf._batch_gemm_te(v, w)
+        else:  # N = 14: 112 frequencies, 128 -> 128 channels: 14.7 MB of spectrum
+            v = te.placeholder((112, rows, 256), name="v")
+            w = te.placeholder((112, 4, 128, 2, 32), name="w")
+            out = lf._fft_complex_gemm_te(v, w)
+        return "llvm.prefetch" in cs.schedule_primfunc(te.create_prim_func([v, w, out]), info).script()
+
+    assert prefetches(1) == (not stream)
+    assert prefetches(2)
+
+
 def test_prefetch_in_compiled_models(monkeypatch):
     """Prefetching builds (every conv and Winograd GEMM qualifying) match PyTorch."""
     monkeypatch.setattr(cs, "PREFETCH_MIN_BYTES", 0)
