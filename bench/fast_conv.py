@@ -131,7 +131,7 @@ def weight_mb(algo: str, cin: int, size: int, k: int, batch: int = 1) -> float:
         m = int(algo[-1])
         per = (m + 2) * (3 if lf.factors_u(m, batch * -(-size // m) ** 2) else m + 2)
     else:
-        n = fc.fft_tile(k, size, size, cin, cin) + k - 1
+        n = fc.fft_plan(k, (size, size), (k // 2, k // 2), cin, cin)[0]
         per = 2 * n * (n // 2 + 1)
     return per * cin * cin * 4 / 1e6
 
@@ -510,12 +510,12 @@ def _op_output(algo: str, x: torch.Tensor, w: torch.Tensor, dtype) -> torch.Tens
     pad = [k // 2, k // 2]
     if algo == "direct":
         return torch.nn.functional.conv2d(x, w.to(dtype or torch.float32).float(), padding=k // 2)
-    # what the passes store: U, or the spectrum of fft_tile's tile, rounded once
+    # what the passes store: U, or the spectrum of fft_plan's windows, rounded once
     p = fc.ConvParams(w.shape[1], w.shape[0], k, tuple(pad), tuple(x.shape), tuple(x.shape))
     value = fc._transformed(algo, w, p).to(dtype or torch.float32)
     if algo.startswith("winograd"):
         return torch.ops.slimfx.winograd_conv2d(x, value, None, pad, int(algo[-1]))
-    return torch.ops.slimfx.fft_conv2d(x, value, None, pad, k, value.shape[1] - k + 1)
+    return torch.ops.slimfx.fft_conv2d(x, value, None, pad, k, fc._fft_plan_of(p)[1])
 
 
 def bench_errors(seeds, channels=(16, 32, 64, 128, 256), size: int = 28) -> list[list]:

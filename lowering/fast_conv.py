@@ -57,7 +57,7 @@ import math
 import numpy as np
 import torch
 
-from slimfx.passes.fast_conv import winograd_matrices
+from slimfx.passes.fast_conv import fft_wraps, winograd_matrices
 
 from . import cpu_schedules as cs
 from .relax import register_lowering, target_kind
@@ -1056,11 +1056,12 @@ def _lower_fft(node, importer):
     n, ci, h, w = cs._ints(importer.shape_of(x))
     _, size, half, _, co = cs._ints(importer.shape_of(w_hat))
     k, t = int(kernel), int(tile)
-    if size != t + k - 1 or half != size // 2 + 1:
+    ph, pw = (int(p) for p in padding)
+    if (size != t + k - 1 and not fft_wraps(size, t, k, (h, w), (ph, pw))) \
+            or half != size // 2 + 1:
         raise LoweringError(f"node '{node.name}': spectrum of shape "
                             f"{tuple(cs._ints(importer.shape_of(w_hat)))} does not fit tile {t} "
                             f"and kernel {k}")
-    ph, pw = (int(p) for p in padding)
     ho, wo = h + 2 * ph - k + 1, w + 2 * pw - k + 1
     ntiles = n * math.ceil(ho / t) * math.ceil(wo / t)
     # (2, N, H, Ci, Co) -> (N*H, Co / nb, Ci, 2, nb): weight-only, lifted to load time

@@ -17,7 +17,10 @@ shape function, a MAC model and a TVM lowering (:mod:`slimfx.lowering.fast_conv`
     (``N = tile + kernel - 1``, overlapping by ``kernel - 1``), transformed with a real 2-D
     FFT, multiplied with the filter's (conjugated) spectrum and summed over input
     channels, transformed back; each tile yields ``tile x tile`` outputs.  ``w_hat``
-    (``(2, N, N/2+1, Cin, Cout)``: real and imaginary part) is computed by the pass.
+    (``(2, N, N/2+1, Cin, Cout)``: real and imaginary part) is computed by the pass.  On
+    a map that one tile covers, ``N`` may be smaller: the window leaves out the padding on
+    one side, which its circular correlation wraps onto the zero padding on the other
+    (:func:`fft_wraps`; a 7x7 kernel on a 7x7 map: ``N = 10``, not 14).
 
 Numerics (one layer's max error relative to its largest output magnitude, against
 float64, on N(0,1) inputs and Kaiming-scaled weights, 28x28 maps, Cin = Cout = 16 to 256,
@@ -81,8 +84,8 @@ from slimfx.ir import Graph, register_macs
 from .base import Pass, PassResult, register_pass
 
 __all__ = [
-    "winograd_matrices", "winograd_conv2d", "fft_conv2d", "fft_tile", "fft_spectrum",
-    "winograd_filter", "estimate_ms", "conv_params", "WINOGRAD_TOLERANCE", "FFT_TOLERANCE",
+    "winograd_matrices", "winograd_conv2d", "fft_conv2d", "fft_tile", "fft_plan", "fft_wraps",
+    "fft_spectrum", "winograd_filter", "estimate_ms", "conv_params", "WINOGRAD_TOLERANCE", "FFT_TOLERANCE",
     "WinogradOptions", "FFTConvOptions", "SelectOptions", "choose",
 ]
 
@@ -236,6 +239,52 @@ def fft_tile(kernel: int, out_h: int, out_w: int, cin: int = 64, cout: int = 64)
     return best
 
 
+def fft_wraps(size: int, tile: int, kernel: int, in_hw, padding) -> bool:
+    """Whether one ``size x size`` window, whose circular correlation wraps around, computes
+    a whole ``tile x tile`` output exactly: the output fits one tile (``tile`` covers it)
+    and ``size >= in + pad`` along each axis.
+
+    Overlap-save needs ``size >= tile + kernel - 1``: the window holds the input and the
+    padding on both sides.  With one window per axis, the padding on the right may be left
+    out: a product that wraps past the window's end reads the padding on its left, zero
+    like the padding it stands for (the output ``i`` reads ``(i + t) mod N``, ``t <
+    kernel``; past the end, ``i + t - N < pad`` when ``N >= in + pad``).  A 7x7 map under a
+    7x7 kernel takes ``N = 10``, not 14: a spectrum of 60 bins per channel pair, not 112.
+
+    >>> fft_wraps(10, 7, 7, (7, 7), (3, 3)), fft_wraps(9, 7, 7, (7, 7), (3, 3))
+    (True, False)
+    >>> fft_wraps(14, 8, 7, (7, 7), (3, 3)), fft_wraps(10, 4, 7, (7, 7), (3, 3))
+    (False, False)
+    """
+    h, w = in_hw
+    ph, pw = padding
+    ho, wo = _out_size(h, ph, kernel), _out_size(w, pw, kernel)
+    return (kernel <= size < tile + kernel - 1 and max(ho, wo) <= tile <= size
+            and size >= h + ph and size >= w + pw)
+
+
+def fft_plan(kernel: int, in_hw, padding, cin: int = 64, cout: int = 64) -> tuple[int, int]:
+    """``(N, tile)`` of FFT convolution for a layer: one window that wraps around
+    (:func:`fft_wraps`; ``N`` even) where it is no larger than :func:`fft_tile`'s
+    overlap-save windows, else those.  One window no larger does no more work on any count
+    (transforms, products, spectrum); a larger one may still win on transforms, but reads
+    a larger spectrum: one of ``N = 16`` at 256 channels 14x14 5x5 ran slower than four
+    of 14, so the plan does not trade the one for the other.
+
+    >>> fft_plan(7, (7, 7), (3, 3)), fft_plan(11, (14, 14), (5, 5)), fft_plan(5, (14, 14), (2, 2))
+    ((10, 7), (20, 14), (14, 10))
+    """
+    (h, w), (ph, pw) = in_hw, padding
+    ho, wo = _out_size(h, ph, kernel), _out_size(w, pw, kernel)
+    t = fft_tile(kernel, ho, wo, cin, cout)
+    tile = max(ho, wo)
+    size = max(h + ph, w + pw, kernel, tile)
+    size += size % 2
+    if size <= t + kernel - 1 and fft_wraps(size, tile, kernel, in_hw, padding):
+        return size, tile
+    return t + kernel - 1, t
+
+
 # --------------------------------------------------------------------------- the ops
 def _out_size(size: int, pad: int, kernel: int) -> int:
     return size + 2 * pad - kernel + 1
@@ -286,9 +335,15 @@ def fft_conv2d(x: torch.Tensor, w_hat: torch.Tensor, bias: torch.Tensor | None,
                padding: list[int], kernel: int, tile: int) -> torch.Tensor:
     """Overlap-save FFT convolution (stride 1): the PyTorch reference (``torch.fft``).
 
-    ``w_hat`` is the filter spectrum ``(2, N, N/2+1, Cin, Cout)`` (:func:`fft_spectrum`).
+    ``w_hat`` is the filter spectrum ``(2, N, N/2+1, Cin, Cout)`` (:func:`fft_spectrum`);
+    ``N x N`` windows, ``tile`` apart, each giving a ``tile x tile`` block of the output:
+    ``N >= tile + kernel - 1``, or one window that wraps around (:func:`fft_wraps`).
     """
     size = w_hat.shape[1]
+    if size < tile + kernel - 1 and not fft_wraps(size, tile, kernel, x.shape[2:], padding):
+        raise ValueError(f"FFT convolution: windows of {size} hold neither a tile of {tile} "
+                         f"and a kernel of {kernel} (overlap-save) nor, in one window that "
+                         f"wraps around, a {tuple(x.shape[2:])} input padded by {list(padding)}")
     w_hat = w_hat.to(x.dtype)  # stored in float16 with weight_dtype=float16
     n = x.shape[0]
     d, (ho, wo), (th, tw) = _input_tiles(x, padding, kernel, tile, size)  # N x N windows
@@ -407,11 +462,18 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
 def _transformed(algo: str, weight: torch.Tensor, p: ConvParams,
                  tile: int | None = None) -> torch.Tensor:
     """What ``algo`` ("winograd2", "winograd4", "fft") stores in place of ``weight``, in
-    float64: Winograd's ``U``, or the FFT spectrum (of ``tile``, or :func:`fft_tile`'s)."""
+    float64: Winograd's ``U``, or the FFT spectrum (of ``tile``, or :func:`fft_plan`'s)."""
     if algo.startswith("winograd"):
         return winograd_filter(weight, int(algo[-1]), torch.float64)
-    t = tile or fft_tile(p.kernel, p.out_shape[2], p.out_shape[3], p.cin, p.cout)
-    return fft_spectrum(weight, t + p.kernel - 1, torch.float64)
+    return fft_spectrum(weight, _fft_plan_of(p, tile)[0], torch.float64)
+
+
+def _fft_plan_of(p: ConvParams, tile: int | None = None) -> tuple[int, int]:
+    """``(N, tile)``: overlap-save windows of ``tile`` where one is given, else
+    :func:`fft_plan`'s."""
+    if tile:
+        return tile + p.kernel - 1, tile
+    return fft_plan(p.kernel, p.in_shape[2:], p.padding, p.cin, p.cout)
 
 
 def _half_problem_of(algo: str, exact: torch.Tensor) -> str | None:
@@ -441,8 +503,9 @@ def _substitute(graph: Graph, node: torch.fx.Node, algo: str, p: ConvParams, x_i
         args = (node.args[0], new_w, b_node, list(p.padding), t)
         record = {"algo": f"winograd F({t},3)"}
     else:  # fft
-        size = value.shape[1]
-        t = size - p.kernel + 1
+        size, t = _fft_plan_of(p, tile)
+        if value.shape[1] != size:
+            raise GraphError(f"spectrum of {value.shape[1]} points, the plan is {size}", node)
         new_w = graph.add_param(f"{path}.fft_spectrum", value, before=node)
         target = torch.ops.slimfx.fft_conv2d.default
         args = (node.args[0], new_w, b_node, list(p.padding), p.kernel, t)
@@ -579,8 +642,8 @@ class FFTConvOptions:
     Attributes
     ----------
     min_kernel: the smallest kernel size replaced (5: FFT loses to direct on 3x3).
-    tile: output tile per FFT block (``N = tile + kernel - 1``); 0 lets :func:`fft_tile`
-        choose per layer.
+    tile: output tile per FFT block (``N = tile + kernel - 1``); 0 lets :func:`fft_plan`
+        choose per layer (overlap-save tiles, or one window that wraps around on a small map).
     exclude: module paths of convolutions to keep direct.
     weight_dtype: the dtype the filter spectrum is stored (and read) in: ``float32``, or
         ``float16``, half the bytes, which a small map with many channels waits for (one
@@ -717,8 +780,7 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
             weights = weights * 3 // alpha
             gemm += 2 * (4 / 3) * -(-tiles // 8) * bins * ci * co
     elif algo == "fft":
-        t = fft_tile(k, ho, wo, ci, co)
-        size = t + k - 1
+        size, t = _fft_plan_of(p)
         half = size // 2 + 1
         bins = 2 * size * half
         if blocked:  # CPU: the fused transforms (slimfx.lowering.fast_conv.FUSED_FFT), per

@@ -95,6 +95,47 @@ def test_fft_op_matches_direct(k):
     assert _rel(small, F.conv2d(x, w, b)) <= fc.FFT_TOLERANCE
 
 
+@pytest.mark.parametrize("h,w,k,batch", [
+    (7, 7, 7, 1),    # N = 10, not overlap-save's 14
+    (14, 14, 11, 2),  # N = 20, not 30
+    (7, 9, 5, 1),    # non-square: one window of 12 covers both axes
+    (5, 5, 3, 1),    # N = 6 = tile + kernel - 1 - 1: the padding on one side left out
+])
+def test_fft_one_window_wraps_around_exactly(h, w, k, batch):
+    """On a map that one window covers, the window may leave out the padding on one side:
+    what wraps past its end reads the zero padding on the other (fft_wraps).  Exact in
+    float64 against direct convolution; a window one point smaller than that is refused."""
+    torch.manual_seed(3)
+    x = torch.randn(batch, 4, h, w, dtype=torch.float64)
+    wt, b = _conv_weight(6, 4, k).double(), torch.randn(6, dtype=torch.float64)
+    pad = [k // 2, k // 2]
+    size, tile = fc.fft_plan(k, (h, w), pad, 4, 6) if k > 3 else (6, 5)
+    assert size < tile + k - 1 and fc.fft_wraps(size, tile, k, (h, w), pad)
+    got = fc.fft_conv2d(x, fc.fft_spectrum(wt, size), b, pad, k, tile)
+    assert _rel(got, F.conv2d(x, wt, b, padding=pad)) < 1e-12
+    least = max(h, w) + k // 2  # the plan's N, or the even N above it
+    assert size - least in (0, 1) and fc.fft_wraps(least, tile, k, (h, w), pad)
+    assert not fc.fft_wraps(least - 1, tile, k, (h, w), pad)
+    with pytest.raises(ValueError, match=f"windows of {least - 1} hold neither a tile of {tile}"):
+        fc.fft_conv2d(x, fc.fft_spectrum(wt, least - 1), b, pad, k, tile)
+    if tile - 1 + k - 1 > size:  # two tiles: no window may wrap
+        with pytest.raises(ValueError, match="overlap-save"):
+            fc.fft_conv2d(x, fc.fft_spectrum(wt, size), b, pad, k, tile - 1)
+
+
+def test_fft_conv_pass_plans_one_window_on_small_maps():
+    """fft-conv's automatic plan: one window of N = 10 for a 7x7 kernel on a 7x7 map (a
+    spectrum of 10 x 6 bins per channel pair, not 14 x 8), overlap-save tiles elsewhere."""
+    m = nn.Sequential(nn.Conv2d(8, 8, 7, padding=3), nn.ReLU(), nn.Conv2d(8, 8, 5, padding=2)).eval()
+    x = torch.randn(1, 8, 7, 7)
+    g = slimfx.run_pipeline(slimfx.capture(m, x), "fft-conv")
+    spectra = [g.param(n) for n in g.nodes if n.op == "get_attr" and "fft_spectrum" in n.target]
+    assert [tuple(t.shape[:3]) for t in spectra] == [(2, 10, 6), (2, 10, 6)]
+    assert fc.fft_plan(5, (56, 56), (2, 2)) == (14, 10)  # many tiles: overlap-save
+    with torch.no_grad():
+        assert _rel(g(x), m(x)) <= fc.FFT_TOLERANCE
+
+
 def test_mac_models_count_the_transform_domain_work():
     m = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 7, padding=3))
     x = torch.randn(1, 16, 16, 16)
@@ -339,6 +380,8 @@ def test_each_compiled_op_alone_matches_direct_in_nchw(algo):
     (16, 16, 14, 11, 12, 1, True),   # N = 22
     (16, 16, 10, 11, 20, 1, True),   # N = 30: one tile larger than the map
     (6, 20, 8, 5, 2, 1, True),       # N = 6; channel counts no vector divides
+    (16, 16, 7, 7, 0, 1, True),      # fft_plan's one window of N = 10 that wraps around
+    (8, 12, 9, 7, 0, 2, False),      # the same on a 9x9 map (N = 12), batch 2, no bias
 ])
 def test_compiled_fft_matches_direct(fused, cin, cout, size, k, tile, batch, bias, monkeypatch):
     """Two FFT layers with a ReLU between (the second reads the first's blocked output),
@@ -350,6 +393,9 @@ def test_compiled_fft_matches_direct(fused, cin, cout, size, k, tile, batch, bia
     model = nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias), nn.ReLU(),
                           nn.Conv2d(cout, cout, k, padding=k // 2, bias=bias)).eval()
     x = torch.randn(batch, cin, size, size)
+    if not tile:
+        n, t = fc.fft_plan(k, (size, size), (k // 2, k // 2), cin, cout)
+        assert n < t + k - 1 and t == size
     cm = slimfx.compile(model, x, pipeline=f"fft-conv{{tile={tile}}}", atol=fc.FFT_TOLERANCE)
     kernels = cm.manifest["build"]["kernels"]
     assert kernels["fft_complex_gemm"] >= 1  # one PrimFunc where the two layers share shapes
