@@ -697,10 +697,11 @@ ALGOS = ("winograd2", "winograd4", "fft")
 #: layers compiled alone, no overlap term) picked FFT for 64 channels 56x56 5x5 (0.94x in
 #: the chain) and direct for F(4,3) at 64 channels 28x28 (1.30x); these pick the reverse, and
 #: the same layers as before on ResNet-18 and ResNet-50 at 224.  The FFT terms now count
-#: the fused transforms (``slimfx.lowering.fast_conv.FUSED_FFT``); with these constants they
-#: pick FFT at 7 of the grid's 12 large-kernel layers, each faster in the chain, and no
-#: slower one on a Zen 4 host (``--chain 4 --fit``; the refit there took FFT at 256
-#: channels 7x7 7x7, 0.84x, so the constants stay).
+#: the fused transforms (``slimfx.lowering.fast_conv.FUSED_FFT``) and :func:`fft_plan`'s
+#: windows; with these constants they pick FFT at 8 of the grid's 12 large-kernel layers,
+#: each faster in the chain (1.59-4.01x), and no slower one on a Zen 4 host (``--chain 4
+#: --half``, two runs; before the one-window plan a refit there took FFT at 256 channels
+#: 7x7 7x7, then 0.84x, so the constants stayed).
 MODEL = {"direct_eff": 0.8, "gemm_eff": 0.919, "transform_eff": 1.0, "dft_eff": 0.149,
          "bytes_per_ns": 15.7, "kernel_overhead_ms": 0.0204, "direct_overlap": 0.522}
 
