@@ -685,34 +685,35 @@ class FFTConvPass(_TransformedWeights):
 ALGOS = ("winograd2", "winograd4", "fft")
 
 #: Cost-model constants (``by=model``), fitted to per-layer timings of the fast lowering
-#: on a 2-core AVX-512 host (``bench/fast_conv.py --chain 4 --fit``: 20 layers, 3 rounds,
-#: each layer one of four of its shape in sequence with the caches flushed before each run,
-#: so its input comes from the layer before and its weights from memory, as in a model):
-#: the share of the target's peak FLOP/s each kind of kernel reaches (direct conv,
-#: transform-domain GEMM, Winograd transforms, matrix DFTs), the bandwidth in bytes per ns
-#: per core of the weights and transform passes, a fixed overhead per kernel, and the share
-#: of a direct convolution's weight reads hidden behind its compute (it reuses each weight
-#: over the whole map and prefetches the next task's; the transform-domain GEMMs, whose
-#: weights serve few tiles, pay their full reads).  The constants before this one (fitted to
-#: layers compiled alone, no overlap term) picked FFT for 64 channels 56x56 5x5 (0.94x in
-#: the chain) and direct for F(4,3) at 64 channels 28x28 (1.30x); these pick the reverse, and
-#: the same layers as before on ResNet-18 and ResNet-50 at 224.  The FFT terms now count
-#: the fused transforms (``slimfx.lowering.fast_conv.FUSED_FFT``) and :func:`fft_plan`'s
-#: windows; with these constants they pick FFT at 8 of the grid's 12 large-kernel layers,
-#: each faster in the chain (1.59-4.01x), and no slower one on a Zen 4 host (``--chain 4
-#: --half``, two runs; before the one-window plan a refit there took FFT at 256 channels
-#: 7x7 7x7, then 0.84x, so the constants stayed).
-MODEL = {"direct_eff": 0.8, "gemm_eff": 0.919, "transform_eff": 1.0, "dft_eff": 0.149,
-         "bytes_per_ns": 15.7, "kernel_overhead_ms": 0.0204, "direct_overlap": 0.522}
+#: on a 2-core Zen 4 host that TVM names ``znver4`` (``bench/fast_conv.py --chain 4 --fit``:
+#: 20 layers, 5 rounds, each layer one of four of its shape in sequence with the caches
+#: flushed before each run, so its input comes from the layer before and its weights from
+#: memory, as in a model): the share of the target's peak FLOP/s each kind of kernel
+#: reaches (direct conv, transform-domain GEMM, Winograd transforms, FFT transforms), the
+#: bandwidth in bytes per ns per core of the weights and transform passes, a fixed overhead
+#: per kernel, and the share of a direct convolution's weight reads hidden behind its
+#: compute (it reuses each weight over the whole map and prefetches the next task's; the
+#: transform-domain GEMMs, whose weights serve few tiles, pay their full reads).  They are
+#: fitted to the current kernels (FFT's fused transforms, :func:`fft_plan`'s windows).  In
+#: the fit's run they pick no layer slower than direct, and six more faster ones than the
+#: constants fitted before (on a 2-core ``rocketlake``, FFT composed of matrix DFTs): F(4,3)
+#: at 32 channels 56x56 (1.97x) and at 256 and 512 channels 7x7 (1.31x, 1.52x), FFT at 16
+#: channels 56x56 7x7 and 11x11 (1.61x, 1.62x) and at 256 channels 14x14 5x5 (1.43x).
+#: Whole models at 112 in that run: ResNet-18 1.37x faster than direct with them, 1.27x
+#: with the constants before; VGG-11 2.44x against 2.19x.
+MODEL = {"direct_eff": 0.655, "gemm_eff": 0.994, "transform_eff": 1.0, "dft_eff": 0.372,
+         "bytes_per_ns": 21.9, "kernel_overhead_ms": 0.011, "direct_overlap": 0.264}
 
-#: The same constants fitted to layers timed warm, run after run with their weights in
-#: cache (``bench/fast_conv.py --chain 4 --warm --fit``), for ``cold=false``: a model that
+#: The same constants fitted, on the ``rocketlake`` host, to layers timed warm, run after run
+#: with their weights in cache (``bench/fast_conv.py --chain 4 --warm --fit``), for
+#: ``cold=false``: a model that
 #: fits the last-level cache and runs repeatedly.  There F(2,3) wins on 256 and 512
 #: channels at 7x7 (1.43x, 1.54x warm; 0.94x, 0.91x flushed) and F(4,3) on 256 at 14x14;
 #: the efficiencies and overhead of that fit sit at their bounds (1.0, 0.1 us per kernel).
 #: Whole models run after run on a host with a large L3 (``--warm --models ...``): ResNet-18
 #: (46 MB of weights) 1.26x faster than direct at 112 and 1.51x at 224 with these, 1.17x and
-#: 1.48x with :data:`MODEL`; ResNet-50 (100 MB) 1.13x against 1.17x, its weights not cached.
+#: 1.48x with the cold constants fitted there; ResNet-50 (100 MB) 1.13x against 1.17x, its
+#: weights not cached.
 MODEL_WARM = {"direct_eff": 0.832, "gemm_eff": 1.0, "transform_eff": 1.0, "dft_eff": 0.146,
               "bytes_per_ns": 27.6, "kernel_overhead_ms": 0.0001, "direct_overlap": 0.83}
 

@@ -636,10 +636,10 @@ def test_winograd_reads_and_writes_the_blocked_layout(tile, monkeypatch):
 
 
 def test_select_by_model_cold_false_uses_the_warm_constants():
-    """cold=false: the constants fitted with weights in cache, where Winograd wins on 256
-    channels at 7x7 (weights from memory, it loses and the layer stays direct)."""
-    model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.ReLU()).eval()
-    x = torch.randn(1, 256, 7, 7)
+    """cold=false: the constants fitted with weights in cache, with which Winograd wins on
+    128 channels at 7x7 (with the weights from memory, the model keeps the layer direct)."""
+    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 128, 7, 7)
     picks = {}
     for cold in (True, False):
         pm = slimfx.PassManager(f"select-conv-algo{{by=model,cold={str(cold).lower()}}}")
@@ -649,7 +649,7 @@ def test_select_by_model_cold_false_uses_the_warm_constants():
     from slimfx.lowering import host_target
 
     t = host_target()
-    p = fc.ConvParams(256, 256, 3, (1, 1), (1, 256, 7, 7), (1, 256, 7, 7))
+    p = fc.ConvParams(128, 128, 3, (1, 1), (1, 128, 7, 7), (1, 128, 7, 7))
     for algo in ("winograd2", "winograd4"):
         warm = fc.estimate_ms(algo, p, vector_bits=t.vector_bits, cores=t.num_cores,
                               model=fc.MODEL_WARM)
@@ -730,9 +730,10 @@ def test_compiled_half_u_reads_float16_and_matches_its_graph(tmp_path):
 
 
 def test_select_by_model_with_float16_weights_models_half_their_bytes():
-    # 512 channels at 7x7: float32 U (16.8 MB for F(2,3)) stays direct cold; half of it wins
+    # 512 channels at 4x4: float32 U (16.8 MB for F(2,3)), read for 4 tiles, stays direct
+    # cold; half of it wins
     model = nn.Sequential(nn.Conv2d(512, 512, 3, padding=1)).eval()
-    x = torch.randn(1, 512, 7, 7)
+    x = torch.randn(1, 512, 4, 4)
     p = fc.ConvParams(512, 512, 3, (1, 1), tuple(x.shape), tuple(x.shape))
     assert fc.estimate_ms("winograd2", p, weight_bytes=2) < fc.estimate_ms("winograd2", p)
     picks, records = {}, {}
