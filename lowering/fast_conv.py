@@ -519,8 +519,24 @@ def _schedule_fft_input(sch, block, lanes: int) -> None:
     sch.vectorize(cv)
     # the x-DFT's partial sums (consumers of the rows) are placed at u first, the rows
     # before them
-    for r in sorted(rows, key=lambda b: "_s" not in cs._block_name(sch, b)):
+    for r in _consumers_first(sch, rows):
         _compute_in_registers(sch, r, block, u, vec)
+
+
+def _consumers_first(sch, blocks: list) -> list:
+    """``blocks`` ordered so that each comes after those of them that read it: the order in
+    which to compute them at a loop of the block they all feed."""
+    left, order = list(blocks), []
+    while left:
+        for b in left:
+            others = [sch.get(o) for o in left if o is not b]
+            if not any(sch.get(c).same_as(o) for c in sch.get_consumers(b) for o in others):
+                order.append(b)
+                left.remove(b)
+                break
+        else:
+            raise LoweringError("blocks that read each other in a cycle")
+    return order
 
 
 def _compute_in_registers(sch, block, consumer, anchor, lanes: int) -> None:
