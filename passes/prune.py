@@ -34,7 +34,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -452,20 +452,24 @@ def norm_scales(ca: ChannelAnalysis, opts: PruneOptions, *, data=None,
     return _plan(ca, opts, data, loss_fn).scales
 
 
+class Selection(NamedTuple):
+    """What :func:`select_channels` chose: the channel sets to remove, statistics, and the
+    normalisation denominators it used (as :func:`norm_scales` returns them, so a caller
+    gets them without scoring again)."""
+
+    removed: set[int]
+    stats: dict[str, Any]
+    scales: dict[tuple[str, int], float]
+
+
 def select_channels(ca: ChannelAnalysis, opts: PruneOptions, *, data=None, loss_fn=None,
-                    scales: dict[tuple[str, int], float] | None = None,
-                    used_scales: dict[tuple[str, int], float] | None = None
-                    ) -> tuple[set[int], dict[str, Any]]:
-    """Choose the channel sets to remove under ``opts``; returns (sets, statistics).
+                    scales: dict[tuple[str, int], float] | None = None) -> Selection:
+    """Choose the channel sets to remove under ``opts``.
 
     ``scales``: per-group normalisation denominators (from :func:`norm_scales`) used in
     place of those measured on ``ca``'s graph; groups not in it measure their own.
-    ``used_scales``: a dict filled with the denominators this selection used (as
-    :func:`norm_scales` returns them), so a caller gets them without scoring again.
     """
     plan = _plan(ca, opts, data, loss_fn, scales)
-    if used_scales is not None:
-        used_scales.update(plan.scales)
     est = _Estimator(ca)
     n_groups = len(plan.groups)
     sizes = [len(g.sets) for g in plan.groups]
@@ -523,7 +527,7 @@ def select_channels(ca: ChannelAnalysis, opts: PruneOptions, *, data=None, loss_
         "est_params_ratio": round(est.param_count(removed) / base_params, 4) if base_params else 1.0,
         "kept_per_group": per_group,
     }
-    return removed, stats
+    return Selection(removed, stats, dict(plan.scales))
 
 
 # ============================================================================ rewrite
@@ -729,8 +733,8 @@ class ChannelPruning(Pass):
     def run(self, graph: Graph) -> PassResult:
         ca = ChannelAnalysis(graph, exclude=self.options.exclude)
         self.used_scales = {}
-        removed, stats = select_channels(ca, self.options, data=self.data, loss_fn=self.loss_fn,
-                                         scales=self.scales, used_scales=self.used_scales)
+        removed, stats, self.used_scales = select_channels(
+            ca, self.options, data=self.data, loss_fn=self.loss_fn, scales=self.scales)
         stats = {k: v for k, v in stats.items() if k != "kept_per_group"}
         if not removed:
             return PassResult(graph, False, stats)
