@@ -408,6 +408,27 @@ def test_compiled_fft_matches_direct(fused, cin, cout, size, k, tile, batch, bia
         assert _rel(cm(y), model(y)) <= fc.FFT_TOLERANCE
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("h,w,k,batch", [(7, 9, 5, 1), (9, 6, 7, 2)])
+def test_compiled_fft_one_window_on_non_square_maps(fused, h, w, k, batch, monkeypatch):
+    """fft_plan's one window (N = 12, tile 9) on a map whose sides differ, compiled with the
+    fused transforms and with matrix DFTs: it matches PyTorch."""
+    from slimfx.lowering import fast_conv as lf
+
+    monkeypatch.setattr(lf, "FUSED_FFT", fused)
+    n, t = fc.fft_plan(k, (h, w), (k // 2, k // 2), 8, 8)
+    assert (n, t) == (12, 9)
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(8, 8, k, padding=k // 2), nn.ReLU(),
+                          nn.Conv2d(8, 12, k, padding=k // 2)).eval()
+    x = torch.randn(batch, 8, h, w)
+    cm = slimfx.compile(model, x, pipeline="fft-conv", atol=fc.FFT_TOLERANCE)
+    assert cm.manifest["build"]["kernels"]["fft_complex_gemm"] >= 1
+    y = torch.randn_like(x)
+    with torch.no_grad():
+        assert _rel(cm(y), model(y)) <= fc.FFT_TOLERANCE
+
+
 @pytest.mark.parametrize("algo,cin,cout,size,k", [
     ("winograd4", 16, 64, 7, 3),   # 4 tiles: 64-channel panels of packed U, 4 rows
     ("winograd4", 8, 48, 10, 3),   # 9 tiles (8 + a guarded 1), 16-channel panels
