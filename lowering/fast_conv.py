@@ -53,6 +53,7 @@ True
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -609,10 +610,10 @@ def _tile_of(sch, block) -> int:
     """The output tile: the output transform's block is named ``..._m{m}`` (Winograd) or
     ``..._t{tile}`` (FFT)."""
     name = cs._block_name(sch, block)
-    try:
-        return int(name.rsplit("_m" if "_m" in name else "_t", 1)[1])
-    except (IndexError, ValueError):
-        raise LoweringError(f"output transform block '{name}' does not name its tile") from None
+    found = re.search(r"_[mt](\d+)$", name)
+    if found is None:
+        raise LoweringError(f"output transform block '{name}' does not name its tile")
+    return int(found.group(1))
 
 
 def _prefetch_bytes() -> int | None:

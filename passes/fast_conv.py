@@ -85,8 +85,8 @@ from .base import Pass, PassResult, register_pass
 
 __all__ = [
     "winograd_matrices", "winograd_conv2d", "fft_conv2d", "fft_tile", "fft_plan", "fft_wraps",
-    "fft_spectrum", "winograd_filter", "estimate_ms", "conv_params", "WINOGRAD_TOLERANCE", "FFT_TOLERANCE",
-    "WinogradOptions", "FFTConvOptions", "SelectOptions", "choose",
+    "fft_spectrum", "winograd_filter", "estimate_ms", "conv_params", "WINOGRAD_TOLERANCE",
+    "FFT_TOLERANCE", "WinogradOptions", "FFTConvOptions", "SelectOptions", "choose",
 ]
 
 aten = torch.ops.aten

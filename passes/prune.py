@@ -732,7 +732,6 @@ class ChannelPruning(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         ca = ChannelAnalysis(graph, exclude=self.options.exclude)
-        self.used_scales = {}
         removed, stats, self.used_scales = select_channels(
             ca, self.options, data=self.data, loss_fn=self.loss_fn, scales=self.scales)
         stats = {k: v for k, v in stats.items() if k != "kept_per_group"}
