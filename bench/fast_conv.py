@@ -121,15 +121,15 @@ def stream_gbps(ci: int, co: int, rounds: int, runs: int) -> tuple[float, float]
 
 def weight_mb(algo: str, cin: int, size: int, k: int, batch: int = 1) -> float:
     """Bytes (MB) of the weights ``algo`` reads per call: direct ``k^2``, F(m,3)
-    ``(m+2)^2`` (``3 (m+2)`` where the lowering reads ``H = G g``: ``factors_u``), FFT
-    ``2 N (N/2+1)`` floats per channel pair."""
+    ``(m+2)^2``, or what the lowering reads instead (``weight_form``: ``3 (m+2)`` for
+    ``H = G g``, 9 for ``g``), FFT ``2 N (N/2+1)`` floats per channel pair."""
     from slimfx.lowering import fast_conv as lf
 
     if algo == "direct":
         per = k * k
     elif algo.startswith("winograd"):
         m = int(algo[-1])
-        per = (m + 2) * (3 if lf.factors_u(m, batch * -(-size // m) ** 2) else m + 2)
+        per = lf.weights_per_pair(m, lf.weight_form(m, batch * -(-size // m) ** 2, cin * cin))
     else:
         n = fc.fft_plan(k, (size, size), (k // 2, k // 2), cin, cin)[0]
         per = 2 * n * (n // 2 + 1)
@@ -558,7 +558,7 @@ def main() -> None:
     ap.add_argument("--ab", metavar="SWITCH",
                     help="only time the grid's layers with F(2,3)/F(4,3) (3x3) or FFT, and --models with "
                          "select-conv-algo{by=model}, built with slimfx.lowering.fast_conv.SWITCH "
-                         "off and on (PACK_U, ROW_TRANSFORMS, STACK_ACCUMULATORS, PAD_INLINE, BLOCKED)")
+                         "off and on (PACK_U, FORM_U, ROW_TRANSFORMS, STACK_ACCUMULATORS, PAD_INLINE, BLOCKED)")
     ap.add_argument("--packing", action="store_true", help="the same as --ab PACK_U")
     ap.add_argument("--models", default="resnet18,vgg11", help="zoo models ('' for none)")
     ap.add_argument("--size", type=int, default=112, help="model input height/width")

@@ -903,8 +903,6 @@ def prefetch_next_task(sch, task_loop, loops: list, reduction, buffer, span: int
     accumulators every iteration, 2x slower).  Returns whether it applied.
     """
     import tvm
-    from tvm import tirx
-    from tvm.tirx import stmt as ts
 
     if not PREFETCH_NEXT_TASK:
         return False
@@ -942,20 +940,40 @@ def prefetch_next_task(sch, task_loop, loops: list, reduction, buffer, span: int
         slot = slot * _extent(sch, lp) + sch.get(lp).loop_var
     nxt = (task // share + 1) % (numel // span)
     line_elems = _LINE_BYTES // elem
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    body = []
-    for t in range(per):
-        flat = nxt * span + tvm.te.min(slot * per + t, lines - 1) * line_elems
-        idx = [(flat // s) % n if d else flat // s for d, (s, n) in enumerate(zip(strides, shape))]
-        addr = tirx.address_of(tirx.BufferLoad(buffer, idx))
-        body.append(ts.Evaluate(tirx.call_llvm_intrin(  # read, into L2 (locality 2), data
-            "void", "llvm.prefetch.p0", addr, tirx.const(0, "int32"), tirx.const(2, "int32"),
-            tirx.const(1, "int32"))))
-    loop = sch.get(outer[-1])
-    new = ts.For(loop.loop_var, loop.min, loop.extent, loop.kind, ts.SeqStmt([*body, loop.body]),
-                 loop.thread_binding, loop.annotations)
-    sch.state.replace(sch.get_sref(outer[-1]), new)
+    prefetch_lines(sch, outer[-1], buffer, lambda t: nxt * span + tvm.te.min(
+        slot * per + t, lines - 1) * line_elems, per)
     return True
+
+
+def prefetch_lines(sch, loop, buffer, first, count: int, flat: bool = False) -> None:
+    """Prefetch (into L2) ``count`` cache lines of ``buffer`` at the start of ``loop``'s
+    body: line ``t`` is the one holding flat element ``first(t)`` (an expression of the
+    loop variables, within the buffer).  ``flat``: address them through a flat view of the
+    buffer (one add per line) instead of its indices (a division per dimension and line,
+    which :func:`prefetch_next_task`'s kernels were measured with).  The last change to a
+    schedule (it replaces the loop's statement, outside the schedule's trace)."""
+    from tvm import tirx
+    from tvm.tirx import stmt as ts
+
+    shape = _ints(buffer.shape)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    view = tirx.decl_buffer((math.prod(shape),), buffer.dtype, f"{buffer.name}_flat",
+                            data=buffer.data) if flat else None
+    body = [ts.DeclBuffer(view, data=buffer.data)] if flat else []
+    for t in range(count):
+        at = first(t)
+        if flat:
+            load = tirx.BufferLoad(view, [at])
+        else:
+            load = tirx.BufferLoad(buffer, [(at // s) % n if d else at // s
+                                            for d, (s, n) in enumerate(zip(strides, shape))])
+        body.append(ts.Evaluate(tirx.call_llvm_intrin(  # read, into L2 (locality 2), data
+            "void", "llvm.prefetch.p0", tirx.address_of(load), tirx.const(0, "int32"),
+            tirx.const(2, "int32"), tirx.const(1, "int32"))))
+    node = sch.get(loop)
+    new = ts.For(node.loop_var, node.min, node.extent, node.kind, ts.SeqStmt([*body, node.body]),
+                 node.thread_binding, node.annotations)
+    sch.state.replace(sch.get_sref(loop), new)
 
 
 def _decompose(sch, block, loop) -> None:

@@ -107,6 +107,25 @@ PACK_U = True
 FACTOR_U = True
 FACTOR_TILES = 16
 
+#: Where an F(4,3) layer has at most :data:`FORM_TILES` tiles (a 7x7 map at batch 1), its
+#: float32 GEMM reads the untransformed 3x3 weights ``g = P^T U P`` (9 per channel pair:
+#: the bytes direct convolution reads, a third of ``H``'s 18) and forms ``U`` in registers:
+#: per input channel and vector of output channels, one point ``eps``'s three values of
+#: ``H = G1 g`` from nine loads of ``g``, then the six ``U1[(eps, nu)]`` from them, each
+#: feeding the FMAs of all its rows (``alpha x rows`` accumulators, 24 at 4 rows).  A task
+#: is one vector of output channels; its ``g`` panel (147 KB at 256 channels) comes from
+#: memory once, for the first point, and from L2 for the other five.  ``V`` is stored
+#: ``(eps, Cin / vb, nu, tile, vb)`` so a point's values for one input channel are 24
+#: floats in one contiguous run (:func:`_winograd_input_te`), not 24 rows 1 KB apart.
+#: False: ``H`` (:data:`FACTOR_U`) there too (``bench/fast_conv.py --ab FORM_U``).
+#: Read when a graph is lowered.
+FORM_U = True
+FORM_TILES = 4
+FORM_MIN_BYTES = 1 << 19
+FORM_V_BLOCK = 16
+FORM_K_CHUNK = 16
+FORM_PREFETCH = True
+
 #: The transform-domain GEMMs prefetch the next task's weights from :data:`PREFETCH_BYTES`
 #: of them, where other kernels start at ``cpu_schedules.PREFETCH_MIN_BYTES`` (1 MB): a
 #: GEMM task reuses its panel for a few row tiles only, so even a 64-channel layer's ``U``
@@ -175,20 +194,40 @@ def _row_times(matrix: np.ndarray, row, term):
     return val
 
 
-def factors_u(m: int, tiles: int, dtype: str = "float32", cpu: bool = True) -> bool:
-    """Whether an F(m, 3) layer of ``tiles`` tiles (batch included) with transformed
-    weights of ``dtype`` reads them factored (:data:`FACTOR_U`).  Float16 ``U`` is not
-    factored: ``H`` recovered from the rounded ``U`` and rounded again would not compute
-    what the graph's float16 ``U`` does.  Only CPU builds (``cpu``) factor: CUDA builds read
-    ``U`` (dlight's GEMM schedule would not unroll the points whose coefficients form
-    ``U``; unmeasured on a GPU).
+def weight_form(m: int, tiles: int, pairs: int, dtype: str = "float32", cpu: bool = True) -> str:
+    """What the GEMM of an F(m, 3) layer of ``tiles`` tiles (batch included) and ``pairs``
+    (input, output) channel pairs, with transformed weights of ``dtype``, reads: ``"u"``
+    (``U``, ``alpha^2`` per channel pair), ``"h"`` (``H = G g``, ``alpha x 3``;
+    :data:`FACTOR_U`) or ``"g"`` (the 3x3 ``g``; :data:`FORM_U`, where ``g`` has at least
+    :data:`FORM_MIN_BYTES`).  Float16 ``U`` is read as it is: ``H`` or ``g`` recovered from
+    the rounded ``U`` and rounded again would not compute what the graph's float16 ``U``
+    does.  Only CPU builds (``cpu``) read ``H`` or ``g``: CUDA builds read ``U`` (dlight's
+    GEMM schedule would not unroll the points whose coefficients form ``U``; unmeasured on
+    a GPU).
 
-    >>> factors_u(4, 16), factors_u(4, 49), factors_u(2, 16), factors_u(4, 16, "float16")
-    (True, False, False, False)
-    >>> factors_u(4, 16, cpu=False)
-    False
+    >>> [weight_form(4, t, 128 * 128) for t in (4, 16, 49)], weight_form(4, 4, 64 * 64)
+    (['g', 'h', 'u'], 'h')
+    >>> weight_form(2, 16, 128 * 128), weight_form(4, 16, 128 * 128, "float16")
+    ('u', 'u')
+    >>> weight_form(4, 16, 128 * 128, cpu=False)
+    'u'
     """
-    return FACTOR_U and cpu and m == 4 and tiles <= FACTOR_TILES and dtype == "float32"
+    if not (PACK_U and cpu and m == 4 and dtype == "float32"):
+        return "u"
+    if FORM_U and tiles <= FORM_TILES and 9 * 4 * pairs >= FORM_MIN_BYTES:
+        return "g"
+    return "h" if FACTOR_U and tiles <= FACTOR_TILES else "u"
+
+
+def weights_per_pair(m: int, form: str) -> int:
+    """Weights per (input, output) channel pair that a GEMM of ``form`` (:func:`weight_form`)
+    reads for F(m, 3).
+
+    >>> [weights_per_pair(4, f) for f in "ugh"]
+    [36, 9, 18]
+    """
+    alpha = m + 2
+    return {"u": alpha * alpha, "h": 3 * alpha, "g": 9}[form]
 
 
 def factored_weights(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -267,9 +306,11 @@ def _padded_nhwc(x, ph: int, pw: int, hp: int, wp: int):
     return pad, n, ci
 
 
-def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int, factored: bool = False):
-    """``x`` is ``NCHW`` or channel-blocked ``NCHW{cb}c`` (5-D); ``factored``: the columns
-    of ``V`` scaled by :func:`factored_weights`' ``c``, for a GEMM that reads ``H``."""
+def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int, form: str = "u"):
+    """``V[(eps, nu), tile, ci]``.  ``x`` is ``NCHW`` or channel-blocked ``NCHW{cb}c``
+    (5-D).  ``form`` is what the GEMM reads (:func:`weight_form`): for ``"h"`` the columns
+    ``nu`` of ``V`` are scaled by :func:`factored_weights`' ``c``; for ``"g"`` its rows
+    ``eps`` too, and ``V`` is stored ``(eps, Cin / vb, nu, tile, vb)`` (:data:`FORM_U`)."""
     from tvm import te
 
     alpha = bt.shape[0]
@@ -278,21 +319,32 @@ def _winograd_input_te(x, bt: np.ndarray, m: int, ph: int, pw: int, factored: bo
     ho, wo = h + 2 * ph - r + 1, w + 2 * pw - r + 1
     th, tw = -(-ho // m), -(-wo // m)
     pad, n, ci = _padded_nhwc(x, ph, pw, th * m + r - 1, tw * m + r - 1)
+    scale = factored_weights(m)[2][:, None].astype("float32") if form != "u" else 1
+    # (B^T d)[eps, j], its rows scaled by c where the GEMM forms both sides of U
+    rows_m = bt * scale if form == "g" else bt
 
     def tile_origin(p):
         b, t = p // (th * tw), p % (th * tw)
         return b, t // tw * m, t % tw * m
 
-    def rows(eps, j, p, c):  # (B^T d)[eps, j]
+    def rows(eps, j, p, c):
         b, y0, x0 = tile_origin(p)
-        return _row_times(bt, eps, lambda i: pad[b, y0 + i, x0 + j, c])
+        return _row_times(rows_m, eps, lambda i: pad[b, y0 + i, x0 + j, c])
 
     bd = te.compute((alpha, alpha, n * th * tw, ci), rows, name=INPUT_ROWS_BLOCK)
     # V[(eps, nu)] = ((B^T d) B)[eps, nu] = sum_j (B^T d)[eps, j] B^T[nu, j]
-    cols = bt * factored_weights(m)[2][:, None].astype("float32") if factored else bt
+    cols = bt * scale
+
+    def v(eps, nu, p, c):
+        return _row_times(cols, nu, lambda j: bd[eps, j, p, c])
+
+    if form == "g":
+        vb = cs._largest_divisor(ci, FORM_V_BLOCK)
+        return te.compute((alpha, ci // vb, alpha, n * th * tw, vb),
+                          lambda eps, cb, nu, p, cv: v(eps, nu, p, cb * vb + cv),
+                          name=INPUT_BLOCK)
     return te.compute((alpha * alpha, n * th * tw, ci),
-                      lambda e, p, c: _row_times(cols, e % alpha, lambda j: bd[e // alpha, j, p, c]),
-                      name=INPUT_BLOCK)
+                      lambda e, p, c: v(e // alpha, e % alpha, p, c), name=INPUT_BLOCK)
 
 
 def _batch_gemm_te(v, u, name: str = GEMM_BLOCK):
@@ -345,6 +397,29 @@ def _factored_gemm_te(v, h, g1: np.ndarray, name: str = GEMM_BLOCK):
 
     return te.compute((alpha * alpha, rows, panels * nb),
                       lambda e, i, j: te.sum(v[e, i, rk] * ue(e, rk, j), axis=rk), name=name)
+
+
+def _formed_gemm_te(v, g, g1: np.ndarray, name: str = GEMM_BLOCK):
+    """``out[(eps, nu)] = v[(eps, nu)] @ U1[(eps, nu)]`` with ``U1 = G1 g G1^T`` formed from
+    ``g``, packed ``(Cout / nb, Cin, 9, nb)``, as it is loaded; ``v`` is
+    ``(alpha, Cin / vb, alpha, tiles, vb)`` (:data:`FORM_U`).  The three values
+    ``(G1 g)[eps, b]`` are the same expression for every ``nu``: LLVM computes them once."""
+    from tvm import te
+
+    alpha, _, _, rows, vb = cs._ints(v.shape)
+    panels, k, _, nb = cs._ints(g.shape)
+    rk = te.reduce_axis((0, k), name="k")
+
+    def ue(eps, nu, kk, j):
+        def h(b):  # (G1 g)[eps, b]
+            return _row_times(g1, eps, lambda a: g[j // nb, kk, a * 3 + b, j % nb].astype(v.dtype))
+        return _row_times(g1, nu, h)
+
+    def out(e, i, j):
+        eps, nu = e // alpha, e % alpha
+        return te.sum(v[eps, rk // vb, nu, i, rk % vb] * ue(eps, nu, rk, j), axis=rk)
+
+    return te.compute((alpha * alpha, rows, panels * nb), out, name=name)
 
 
 def gemm_panel(rows: int, cols: int) -> int:
@@ -418,12 +493,18 @@ def _lower_winograd(node, importer):
     # (alpha, alpha, Cout, Cin) -> (alpha^2, Cout / nb, Cin, nb): panels of nb output
     # channels, each contiguous so the GEMM streams it; weight-only, lifted to load time.
     tiles = n * -(-ho // m) * -(-wo // m)
-    factored = PACK_U and factors_u(m, tiles, str(u.ty.dtype), cpu=target_kind() == "llvm")
-    nb = gemm_panel(tiles, co)
-    if factored:  # H = U P: (alpha, alpha, Cout, Cin) -> (alpha, Cout / nb, 3, Cin, nb)
-        p_mat, g1, _ = factored_weights(m)
-        h = relax.op.matmul(relax.op.permute_dims(u, [0, 2, 3, 1]),
-                            relax.const(p_mat.astype("float32")))
+    form = weight_form(m, tiles, ci * co, str(u.ty.dtype), cpu=target_kind() == "llvm")
+    nb = gemm_panel(tiles, co) if form != "g" else cs._largest_divisor(co, FORM_V_BLOCK)
+    p_mat, g1, _ = factored_weights(m)
+    p_mat, g1 = relax.const(p_mat.astype("float32")), g1.astype("float32")
+    if form != "u":  # H = U P: (alpha, Cout, Cin, 3)
+        h = relax.op.matmul(relax.op.permute_dims(u, [0, 2, 3, 1]), p_mat)
+    if form == "g":  # g = P^T H: (Cout, Cin, 3 (b), 3 (a)) -> (Cout / nb, Cin, 9 (a, b), nb)
+        g = relax.op.matmul(relax.op.permute_dims(h, [1, 2, 3, 0]), p_mat)
+        u2 = bb.emit(relax.op.permute_dims(
+            relax.op.reshape(relax.op.permute_dims(g, [0, 1, 3, 2]), (co // nb, nb, ci, 9)),
+            [0, 2, 3, 1]))
+    elif form == "h":  # (alpha, Cout, Cin, 3) -> (alpha, Cout / nb, 3, Cin, nb)
         u2 = bb.emit(relax.op.permute_dims(
             relax.op.reshape(h, (alpha, co // nb, nb, ci, r)), [0, 1, 4, 3, 2]))
     elif PACK_U:
@@ -432,15 +513,13 @@ def _lower_winograd(node, importer):
     else:  # (alpha^2, Cin, Cout): blocks of columns read with a row stride of Cout
         u2 = bb.emit(relax.op.permute_dims(relax.op.reshape(u, (alpha * alpha, co, ci)), [0, 2, 1]))
     # (the transform matrices are constants of the computes, not tensors: closures)
-    v = bb.emit_te(lambda d: _winograd_input_te(d, bt, m, ph, pw, factored), x,
+    v = bb.emit_te(lambda d: _winograd_input_te(d, bt, m, ph, pw, form), x,
                    primfunc_name_hint="winograd_input",
                    primfunc_attrs={_ROLE: "input", "slimfx.tile": m, "slimfx.padding": [ph, pw],
-                                   "slimfx.factored": int(factored)})
-    if factored:
-        mm = bb.emit_te(lambda a, b: _factored_gemm_te(a, b, g1.astype("float32")), v, u2,
-                        primfunc_name_hint="winograd_matmul")
-    else:
-        mm = bb.emit_te(_batch_gemm_te, v, u2, primfunc_name_hint="winograd_matmul")
+                                   "slimfx.weight_form": form})
+    gemm_te = {"g": lambda a, b: _formed_gemm_te(a, b, g1),
+               "h": lambda a, b: _factored_gemm_te(a, b, g1)}.get(form, _batch_gemm_te)
+    mm = bb.emit_te(gemm_te, v, u2, primfunc_name_hint="winograd_matmul")
     # Fusion pattern "out-elementwise-fusable" (4), as a convolution: ReLU, bias and residual
     # adds fuse into the output transform, but never the next layer's input transform.
     return bb.emit_te(lambda mt, b: _winograd_output_te(mt, b, at, n, ho, wo), mm, bias,
@@ -484,17 +563,24 @@ def _prepare_input(sch, block, rows_prefix: str, lanes: int,
 
 def _schedule_input(sch, block, lanes: int) -> None:
     rows, lanes = _prepare_input(sch, block, INPUT_ROWS_BLOCK, lanes)
-    e, p, c = sch.get_loops(block)
-    co, ci = cs._vector_split(sch, c, lanes)
-    if co is not None:
-        sch.reorder(p, co, e, ci)
-        tile = sch.fuse(p, co)
+    loops = sch.get_loops(block)
+    if len(loops) == 5:  # V stored (eps, Cin / vb, nu, tile, vb) for a GEMM forming U
+        eps, cb, nu, p, c = loops
+        co, ci = cs._vector_split(sch, c, lanes)
+        sch.reorder(p, cb, *(lp for lp in (co,) if lp is not None), eps, nu, ci)
+        tile = sch.fuse(p, cb, *(lp for lp in (co,) if lp is not None))
     else:
-        sch.reorder(p, e, ci)
-        tile = p
+        e, p, c = loops
+        co, ci = cs._vector_split(sch, c, lanes)
+        if co is not None:
+            sch.reorder(p, co, e, ci)
+            tile = sch.fuse(p, co)
+        else:
+            sch.reorder(p, e, ci)
+            tile = p
+        alpha = math.isqrt(cs._extent(sch, e))
+        eps, nu = sch.split(e, [alpha, alpha])
     sch.parallel(tile)
-    alpha = math.isqrt(cs._extent(sch, e))
-    eps, nu = sch.split(e, [alpha, alpha])
     sch.unroll(eps)
     sch.unroll(nu)
     sch.vectorize(ci)
@@ -626,7 +712,54 @@ def _prefetches(rows: int) -> bool:
     return rows > 1 or not STREAM_ONE_ROW
 
 
+def _schedule_formed_gemm(sch, block, lanes: int) -> None:
+    # FORM_U: a task is one panel of output channels.  Per vector of it, the reduction over
+    # input channels runs in chunks of FORM_K_CHUNK; per chunk and point eps (unrolled: the
+    # coefficients of G1 fold), all points nu x rows of accumulators in registers over the
+    # chunk, U formed from g in each iteration; the chunk's g (18 KB) stays in L1 for the
+    # six points, and each point prefetches a sixth of the next chunk's (the next task's
+    # first one after the last), so the stream from memory overlaps the arithmetic.  Where
+    # the accumulators would not fit the vector registers (32 with AVX-512, else 16
+    # assumed), the points nu are split into groups, each its own pass over the chunk.
+    e, i, j, k = sch.get_loops(block)
+    rows, k_extent = cs._extent(sch, i), cs._extent(sch, k)
+    g = next(r.source for r in sch.get(block).reads if len(r.source.shape) == 4)  # g
+    panels, _, _, nb = cs._ints(g.shape)
+    alpha = math.isqrt(cs._extent(sch, e))
+    vec = lanes if nb % lanes == 0 else cs._largest_divisor(nb, lanes)
+    budget = (32 if lanes >= 16 else 16) - 8
+    groups = next(d for d in range(1, alpha + 1)
+                  if alpha % d == 0 and (alpha // d * rows <= budget or d == alpha))
+    eps, nu = sch.split(e, [alpha, alpha])
+    jo, jv, ji = sch.split(j, [None, nb // vec, vec])
+    nug, nu = sch.split(nu, [groups, alpha // groups])
+    vb = int(next(r.source for r in sch.get(block).reads if len(r.source.shape) == 5).shape[-1])
+    kc = vb * cs._largest_divisor(k_extent // vb, max(1, FORM_K_CHUNK // vb))
+    ko, k1, k = sch.split(k, [None, kc // vb, vb])  # k1, k: V's (Cin / vb, vb) in the chunk
+    sch.reorder(jo, jv, ko, eps, nug, k1, k, nu, i, ji)
+    acc = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(acc, jv)
+    sch.parallel(jo)
+    for lp in (eps, nug, nu, i):
+        sch.unroll(lp)
+    sch.vectorize(ji)
+    sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    if FORM_PREFETCH:  # a sixth of chunk ko + 1 (or of the next panel's first) per point
+        from tvm import te
+
+        chunk = kc * 9 * nb
+        per = -(-chunk * 4 // (64 * alpha))  # lines
+        base = te.min((sch.get(jo).loop_var * (k_extent // kc) + sch.get(ko).loop_var + 1)
+                      * chunk + sch.get(eps).loop_var * per * 16,
+                      panels * k_extent * 9 * nb - per * 16)  # the last lines: in the buffer
+        cs.prefetch_lines(sch, eps, g, lambda t: base + t * 16, per, flat=True)
+
+
 def _schedule_gemm(sch, block, lanes: int) -> None:
+    shapes = [cs._ints(r.source.shape) for r in sch.get(block).reads]
+    if any(len(sh) == 5 for sh in shapes) and any(len(sh) == 4 and sh[2] == 9 for sh in shapes):
+        return _schedule_formed_gemm(sch, block, lanes)  # V (5-D) and g (FORM_U)
     # rows (tiles) x up to 4 vectors of output channels in registers (16 accumulators at
     # most), the reduction over input channels outside them; parallel over (point, column
     # panel), row tiles inside, so a panel of the (large) transformed weight is streamed
@@ -1297,9 +1430,9 @@ def blocked_winograd(mod, lanes: int):
                     if twin is None:
                         return False
                     ph, pw = (int(p) for p in r[1]["slimfx.padding"])
-                    fac = bool(int(r[1].get("slimfx.factored", 0)))
+                    form = str(r[1].get("slimfx.weight_form", "u"))
                     var = self.builder_.emit_te(
-                        lambda d: _winograd_input_te(d, bt, m, ph, pw, fac), twin[0],
+                        lambda d: _winograd_input_te(d, bt, m, ph, pw, form), twin[0],
                         primfunc_name_hint="winograd_input",
                         primfunc_attrs={_ROLE: "input_blocked"})
                     self.set_var_remap(binding.var, var)

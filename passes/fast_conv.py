@@ -745,7 +745,8 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
     is hidden behind the other.
     Transformed weights are larger than the direct ones (F(4,3): 4x, FFT: ``2 N (N/2+1) / k^2``),
     which decides small feature maps with many channels.  ``blocked``: a CPU target, where
-    F(4,3) on few tiles reads ``H`` (half of ``U``) and FFT's transforms are fused kernels
+    F(4,3) on few tiles reads ``H`` (half of ``U``) or ``g`` (a quarter; ``weight_form``)
+    and FFT's transforms are fused kernels
     (its forward transform also copies its input, padded, channels last); elsewhere FFT
     uses matrix DFTs.
     ``model`` replaces :data:`MODEL`'s constants (``bench/fast_conv.py --fit`` tries some).
@@ -774,13 +775,17 @@ def estimate_ms(algo: str, p: ConvParams, *, vector_bits: int = 512, cores: int 
         tiles = n * -(-ho // m) * -(-wo // m)
         gemm = 2 * tiles * bins * ci * co
         weights = weight_bytes * bins * ci * co  # the transformed filter, read once per call
-        from slimfx.lowering.fast_conv import factors_u
+        from slimfx.lowering.fast_conv import weight_form, weights_per_pair
 
-        if factors_u(m, tiles, "float32" if weight_bytes == 4 else "float16", cpu=blocked):
-            # the GEMM reads H = G g (alpha x 3 per channel pair) and forms each U vector
-            # from it once per 8-row tile, with 4/3 vector operations on average
-            weights = weights * 3 // alpha
+        form = weight_form(m, tiles, ci * co, "float32" if weight_bytes == 4 else "float16",
+                           cpu=blocked)
+        weights = weights * weights_per_pair(m, form) // bins
+        if form == "h":  # the GEMM reads H = G g (alpha x 3 per channel pair) and forms each
+            # U vector from it once per 8-row tile, with 4/3 vector operations on average
             gemm += 2 * (4 / 3) * -(-tiles // 8) * bins * ci * co
+        elif form == "g":  # it reads g (3 x 3) and forms each U vector once (one row tile),
+            # with about 2 vector operations (H's share included)
+            gemm += 2 * 2 * bins * ci * co
     elif algo == "fft":
         size, t = _fft_plan_of(p)
         half = size // 2 + 1

@@ -483,6 +483,74 @@ def test_f43_on_few_tiles_reads_half_transformed_weights(n, cin, cout, size, fac
     assert shapes == {True: h if factored else u, False: u}
 
 
+@pytest.mark.parametrize("n,cin,cout,size,target", [
+    (1, 16, 32, 7, "host"),         # 4 tiles: g, panels of 16 output channels
+    (1, 24, 40, 5, "host"),         # channels not multiples of 16: V blocks and panels of 8
+    (1, 16, 16, 4, "host"),         # one tile
+    (1, 16, 32, 7, "x86-64-avx2"),  # 16 vector registers: the points nu in groups
+])
+def test_f43_on_four_tiles_forms_u_from_the_3x3_weights(n, cin, cout, size, target, monkeypatch):
+    """FORM_U: F(4,3) on at most 4 tiles reads g = P^T U P (9 per channel pair, packed
+    (Cout / nb, Cin, 9, nb)) and forms U in its GEMM, which keeps its hand schedule (not the
+    generic fallback); two such layers in a row, the second with a residual add, match
+    PyTorch, as with FORM_U off (H)."""
+    from slimfx.lowering import cpu_schedules as cs
+    from slimfx.lowering import fast_conv as lf
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(cin, cout, 3, padding=1)
+            self.b = nn.Conv2d(cout, cout, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return torch.relu(self.b(y) + y)
+
+    torch.manual_seed(9)
+    model = Block().eval()
+    x = torch.randn(n, cin, size, size)
+    tol = fc.WINOGRAD_TOLERANCE[4]
+    with torch.no_grad():
+        want = model(x)
+    monkeypatch.setattr(lf, "FORM_MIN_BYTES", 0)  # small layers here, read as large ones
+    assert lf.weight_form(4, n * -(-size // 4) ** 2, cin * cout) == "g"
+    shapes = {}
+    for on in (True, False):
+        monkeypatch.setattr(lf, "FORM_U", on)
+        cm = slimfx.compile(model, x, pipeline="winograd{tile=4}", atol=tol, target=target)
+        gemms = 1 if cin == cout else 2  # layers of one shape share their kernel
+        assert cm.manifest["build"]["kernels"].get("winograd_gemm") == gemms
+        assert _rel(cm(x), want) <= tol
+        prof = cm.profile(x.numpy(), repeat=1, warmup=0)
+        shapes[on] = {k.shapes.split()[1] for k in prof.kernels if k.name.startswith("winograd_matmul")}
+    nb = cs._largest_divisor(cout, 16)
+    assert shapes[True] == {f"{cout // nb}x{c}x9x{nb}" for c in (cin, cout)}
+    assert all(s.startswith("6x") and s.count("x3x") for s in shapes[False])  # H
+
+
+def test_formed_gemm_prefetches_the_next_chunk_outside_its_register_loop():
+    """The formed GEMM's reduction runs in chunks of FORM_K_CHUNK channels; each point eps
+    prefetches its sixth of the next chunk's g (flat addresses, one line each) before its
+    pass over the chunk, never inside the loop whose accumulators stay in registers."""
+    from tvm import s_tir, te
+
+    from slimfx.lowering import fast_conv as lf
+
+    v = te.placeholder((6, 4, 6, 4, 16), name="v")
+    g = te.placeholder((4, 64, 9, 16), name="g")
+    func = te.create_prim_func([v, g, lf._formed_gemm_te(v, g, lf.factored_weights(4)[1])])
+    sch = s_tir.Schedule(func)
+    lf._schedule_formed_gemm(sch, sch.get_sblock(lf.GEMM_BLOCK), 16)
+    text = sch.mod["main"].script()
+    lines = 16 * 9 * 16 * 4 // 64 // 6  # per point: a sixth of a 16-channel chunk of g
+    assert text.count("llvm.prefetch") == lines and "g_flat" in text
+    assert "for k_0 in range(4):" in text  # 64 channels: 4 chunks of 16
+    at = [i for i in range(len(text)) if text.startswith("llvm.prefetch", i)]
+    points, register_loop = text.index("for e_0 in T.unroll(6):"), text.index("for k_1, k_2")
+    assert points < min(at) and max(at) < register_loop
+
+
 def test_only_cpu_lowerings_read_half_transformed_weights():
     """The factored GEMM is a CPU schedule: lowered for CUDA, F(4,3) on 16 tiles reads U."""
     import re
@@ -658,9 +726,9 @@ def test_winograd_reads_and_writes_the_blocked_layout(tile, monkeypatch):
 
 def test_select_by_model_cold_false_uses_the_warm_constants():
     """cold=false: the constants fitted with weights in cache, with which Winograd wins on
-    128 channels at 7x7 (with the weights from memory, the model keeps the layer direct)."""
-    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU()).eval()
-    x = torch.randn(1, 128, 7, 7)
+    96 channels at 7x7 (with the weights from memory, the model keeps the layer direct)."""
+    model = nn.Sequential(nn.Conv2d(96, 96, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 96, 7, 7)
     picks = {}
     for cold in (True, False):
         pm = slimfx.PassManager(f"select-conv-algo{{by=model,cold={str(cold).lower()}}}")
@@ -670,7 +738,7 @@ def test_select_by_model_cold_false_uses_the_warm_constants():
     from slimfx.lowering import host_target
 
     t = host_target()
-    p = fc.ConvParams(128, 128, 3, (1, 1), (1, 128, 7, 7), (1, 128, 7, 7))
+    p = fc.ConvParams(96, 96, 3, (1, 1), (1, 96, 7, 7), (1, 96, 7, 7))
     for algo in ("winograd2", "winograd4"):
         warm = fc.estimate_ms(algo, p, vector_bits=t.vector_bits, cores=t.num_cores,
                               model=fc.MODEL_WARM)
@@ -751,15 +819,16 @@ def test_compiled_half_u_reads_float16_and_matches_its_graph(tmp_path):
 
 
 def test_select_by_model_with_float16_weights_models_half_their_bytes():
-    # 512 channels at 4x4: float32 U (16.8 MB for F(2,3)), read for 4 tiles, stays direct
-    # cold; half of it wins
+    # 512 channels at 4x4, F(2,3) the candidate: float32 U (16.8 MB), read for 4 tiles,
+    # stays direct cold; half of it wins.  (F(4,3) would win in float32 there, reading g.)
     model = nn.Sequential(nn.Conv2d(512, 512, 3, padding=1)).eval()
     x = torch.randn(1, 512, 4, 4)
     p = fc.ConvParams(512, 512, 3, (1, 1), tuple(x.shape), tuple(x.shape))
     assert fc.estimate_ms("winograd2", p, weight_bytes=2) < fc.estimate_ms("winograd2", p)
     picks, records = {}, {}
     for weight_dtype in ("float32", "float16"):
-        pm = slimfx.PassManager(f"select-conv-algo{{by=model,weight_dtype={weight_dtype}}}")
+        pm = slimfx.PassManager(
+            f"select-conv-algo{{by=model,algos=[winograd2],weight_dtype={weight_dtype}}}")
         g = pm.run(model, x)
         picks[weight_dtype], records[weight_dtype] = pm.records[0].stats["choices"]["0"], pm.records[0]
     assert picks["float32"]["choice"] == "direct" and records["float32"].lossless
