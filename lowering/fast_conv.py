@@ -125,6 +125,7 @@ FORM_MIN_BYTES = 1 << 19
 FORM_V_BLOCK = 16
 FORM_K_CHUNK = 16
 FORM_PREFETCH = True
+FORM_OUTPUT = True
 
 #: The transform-domain GEMMs prefetch the next task's weights from :data:`PREFETCH_BYTES`
 #: of them, where other kernels start at ``cpu_schedules.PREFETCH_MIN_BYTES`` (1 MB): a
@@ -400,9 +401,9 @@ def _factored_gemm_te(v, h, g1: np.ndarray, name: str = GEMM_BLOCK):
 
 
 def _formed_gemm_te(v, g, g1: np.ndarray, name: str = GEMM_BLOCK):
-    """``out[(eps, nu)] = v[(eps, nu)] @ U1[(eps, nu)]`` with ``U1 = G1 g G1^T`` formed from
-    ``g``, packed ``(Cout / nb, Cin, 9, nb)``, as it is loaded; ``v`` is
-    ``(alpha, Cin / vb, alpha, tiles, vb)`` (:data:`FORM_U`).  The three values
+    """``out[eps, nu] = v[(eps, nu)] @ U1[(eps, nu)]`` (``(alpha, alpha, tiles, Cout)``) with
+    ``U1 = G1 g G1^T`` formed from ``g``, packed ``(Cout / nb, Cin, 9, nb)``, as it is
+    loaded; ``v`` is ``(alpha, Cin / vb, alpha, tiles, vb)`` (:data:`FORM_U`).  The three values
     ``(G1 g)[eps, b]`` are the same expression for every ``nu``: LLVM computes them once."""
     from tvm import te
 
@@ -415,11 +416,10 @@ def _formed_gemm_te(v, g, g1: np.ndarray, name: str = GEMM_BLOCK):
             return _row_times(g1, eps, lambda a: g[j // nb, kk, a * 3 + b, j % nb].astype(v.dtype))
         return _row_times(g1, nu, h)
 
-    def out(e, i, j):
-        eps, nu = e // alpha, e % alpha
+    def out(eps, nu, i, j):
         return te.sum(v[eps, rk // vb, nu, i, rk % vb] * ue(eps, nu, rk, j), axis=rk)
 
-    return te.compute((alpha * alpha, rows, panels * nb), out, name=name)
+    return te.compute((alpha, alpha, rows, panels * nb), out, name=name)
 
 
 def gemm_panel(rows: int, cols: int) -> int:
@@ -443,10 +443,14 @@ def _winograd_output_te(mm, bias, at: np.ndarray, n: int, ho: int, wo: int, bloc
     from tvm import te
 
     m, alpha = at.shape
-    co = int(mm.shape[2])
+    *_, tiles, co = cs._ints(mm.shape)  # M: (alpha^2, tiles, Cout) or (alpha, alpha, ...)
+
+    def mval(eps, nu, p, c):
+        return mm[eps, nu, p, c] if len(mm.shape) == 4 else mm[eps * alpha + nu, p, c]
+
     # (A^T M)[i, nu] = sum_eps A^T[i, eps] M[(eps, nu)]
-    am = te.compute((m, alpha, int(mm.shape[1]), co),
-                    lambda i, nu, p, c: _row_times(at, i, lambda eps: mm[eps * alpha + nu, p, c]),
+    am = te.compute((m, alpha, tiles, co),
+                    lambda i, nu, p, c: _row_times(at, i, lambda eps: mval(eps, nu, p, c)),
                     name=OUTPUT_ROWS_BLOCK)
 
     def y(p, c, i, j):  # ((A^T M) A)[i, j] = sum_nu (A^T M)[i, nu] A^T[j, nu] of tile p
@@ -517,11 +521,16 @@ def _lower_winograd(node, importer):
                    primfunc_name_hint="winograd_input",
                    primfunc_attrs={_ROLE: "input", "slimfx.tile": m, "slimfx.padding": [ph, pw],
                                    "slimfx.weight_form": form})
+    # Fusion pattern "out-elementwise-fusable" (4), as a convolution: ReLU, bias and residual
+    # adds fuse into the output transform, but never the next layer's input transform.
+    if form == "g" and FORM_OUTPUT:  # one kernel: each task transforms its own channels
+        return bb.emit_te(lambda a, b, *c: _winograd_output_te(
+            _formed_gemm_te(a, b, g1), c[0] if c else None, at, n, ho, wo), v, u2,
+            *([bias] if bias is not None else []), primfunc_name_hint="winograd_matmul_output",
+            primfunc_attrs={"op_pattern": 4, _ROLE: "gemm_output", "slimfx.tile": m})
     gemm_te = {"g": lambda a, b: _formed_gemm_te(a, b, g1),
                "h": lambda a, b: _factored_gemm_te(a, b, g1)}.get(form, _batch_gemm_te)
     mm = bb.emit_te(gemm_te, v, u2, primfunc_name_hint="winograd_matmul")
-    # Fusion pattern "out-elementwise-fusable" (4), as a convolution: ReLU, bias and residual
-    # adds fuse into the output transform, but never the next layer's input transform.
     return bb.emit_te(lambda mt, b: _winograd_output_te(mt, b, at, n, ho, wo), mm, bias,
                       primfunc_name_hint="winograd_output",
                       primfunc_attrs={"op_pattern": 4, _ROLE: "output", "slimfx.tile": m})
@@ -716,30 +725,39 @@ def _schedule_formed_gemm(sch, block, lanes: int) -> None:
     # FORM_U: a task is one panel of output channels.  Per vector of it, the reduction over
     # input channels runs in chunks of FORM_K_CHUNK; per chunk and point eps (unrolled: the
     # coefficients of G1 fold), all points nu x rows of accumulators in registers over the
-    # chunk, U formed from g in each iteration; the chunk's g (18 KB) stays in L1 for the
+    # chunk, U formed from g in each iteration; the chunk's g (9 KB) stays in L1 for the
     # six points, and each point prefetches a sixth of the next chunk's (the next task's
     # first one after the last), so the stream from memory overlaps the arithmetic.  Where
     # the accumulators would not fit the vector registers (32 with AVX-512, else 16
     # assumed), the points nu are split into groups, each its own pass over the chunk.
-    e, i, j, k = sch.get_loops(block)
-    rows, k_extent = cs._extent(sch, i), cs._extent(sch, k)
+    # With the output transform in the kernel (FORM_OUTPUT), the task is its loop over
+    # panels of output channels, and the GEMM is computed at it, before its tiles.
     g = next(r.source for r in sch.get(block).reads if len(r.source.shape) == 4)  # g
     panels, _, _, nb = cs._ints(g.shape)
-    alpha = math.isqrt(cs._extent(sch, e))
+    alpha = cs._extent(sch, sch.get_loops(block)[0])
+    task = _task_output(sch, nb, alpha - 2, lanes)
+    if task is not None:
+        sch.compute_at(block, task, preserve_unit_loops=True)
+    eps, nu, i, j, k = sch.get_loops(block)[-5:]
+    rows, k_extent = cs._extent(sch, i), cs._extent(sch, k)
     vec = lanes if nb % lanes == 0 else cs._largest_divisor(nb, lanes)
     budget = (32 if lanes >= 16 else 16) - 8
     groups = next(d for d in range(1, alpha + 1)
                   if alpha % d == 0 and (alpha // d * rows <= budget or d == alpha))
-    eps, nu = sch.split(e, [alpha, alpha])
-    jo, jv, ji = sch.split(j, [None, nb // vec, vec])
+    if task is None:
+        task, jv, ji = sch.split(j, [None, nb // vec, vec])
+        outer = [task]
+    else:
+        jv, ji = sch.split(j, [nb // vec, vec])
+        outer = []
     nug, nu = sch.split(nu, [groups, alpha // groups])
     vb = int(next(r.source for r in sch.get(block).reads if len(r.source.shape) == 5).shape[-1])
     kc = vb * cs._largest_divisor(k_extent // vb, max(1, FORM_K_CHUNK // vb))
     ko, k1, k = sch.split(k, [None, kc // vb, vb])  # k1, k: V's (Cin / vb, vb) in the chunk
-    sch.reorder(jo, jv, ko, eps, nug, k1, k, nu, i, ji)
+    sch.reorder(*outer, jv, ko, eps, nug, k1, k, nu, i, ji)
     acc = sch.cache_write(block, 0, "global")
     sch.reverse_compute_at(acc, jv)
-    sch.parallel(jo)
+    sch.parallel(task)
     for lp in (eps, nug, nu, i):
         sch.unroll(lp)
     sch.vectorize(ji)
@@ -750,10 +768,46 @@ def _schedule_formed_gemm(sch, block, lanes: int) -> None:
 
         chunk = kc * 9 * nb
         per = -(-chunk * 4 // (64 * alpha))  # lines
-        base = te.min((sch.get(jo).loop_var * (k_extent // kc) + sch.get(ko).loop_var + 1)
+        base = te.min((sch.get(task).loop_var * (k_extent // kc) + sch.get(ko).loop_var + 1)
                       * chunk + sch.get(eps).loop_var * per * 16,
                       panels * k_extent * 9 * nb - per * 16)  # the last lines: in the buffer
         cs.prefetch_lines(sch, eps, g, lambda t: base + t * 16, per, flat=True)
+
+
+def _task_output(sch, nb: int, m: int, lanes: int):
+    """The output transform fused after a formed GEMM (:data:`FORM_OUTPUT`), if any,
+    scheduled as tasks of ``nb`` output channels (the element-wise ops after it inlined;
+    tile rows unrolled and ``A^T M``'s rows in registers at the row loop, as in
+    :func:`_schedule_tiled_output`); its task loop, or None without one."""
+    blocks = [b for b in cs._blocks(sch) if not cs._block_name(sch, b).startswith(GEMM_BLOCK)]
+    if not blocks:
+        return None
+    rows = [b for b in blocks if cs._block_name(sch, b).startswith(OUTPUT_ROWS_BLOCK)]
+    last = blocks[-1]
+    for b in blocks[:-1]:
+        if b not in rows:
+            sch.compute_inline(b)
+    loops = sch.get_loops(last)
+    if len(loops) == 5:  # NCHW{cb}c, cb = nb: a task per channel block, its vectors inside
+        b, task, y, x, c = loops
+        if cs._extent(sch, c) != nb:
+            raise LoweringError(f"fused Winograd output: channel block {cs._extent(sch, c)} "
+                                f"is not the GEMM's panel of {nb}")
+    elif len(loops) == 4:  # NCHW: a task per nb channels, vectors of them (strided stores)
+        b, c, y, x = loops
+        task, c = sch.split(c, [None, nb])
+    else:
+        raise LoweringError(f"unexpected fused output transform with {len(loops)} loops")
+    co, ci = cs._vector_split(sch, c, lanes)
+    yo, yi = sch.split(y, [None, m])
+    xo, xi = sch.split(x, [None, m])
+    sch.reorder(task, *(lp for lp in (b, co, yo, xo) if lp is not None), yi, xi, ci)
+    sch.unroll(yi)
+    sch.unroll(xi)
+    sch.vectorize(ci)
+    for r in rows:
+        _compute_in_registers(sch, r, last, yi if ROW_TRANSFORMS else xo, lanes)
+    return task
 
 
 def _schedule_gemm(sch, block, lanes: int) -> None:
@@ -1436,6 +1490,20 @@ def blocked_winograd(mod, lanes: int):
                         primfunc_name_hint="winograd_input",
                         primfunc_attrs={_ROLE: "input_blocked"})
                     self.set_var_remap(binding.var, var)
+                    return True
+                if r[0] == "gemm_output":  # (V, g[, bias]): the formed GEMM and the output
+                    n, co, ho, wo = cs._shape(binding.var)
+                    cb = wanted_block(binding.var, co)
+                    if not cb or cb != int(cs._shape(ins[1])[-1]):  # a task's block: g's panel
+                        return False
+                    g1 = factored_weights(m)[1].astype("float32")
+                    vb = self.builder_.emit_te(
+                        lambda a, b, *c: _winograd_output_te(
+                            _formed_gemm_te(a, b, g1), c[0] if c else None, at, n, ho, wo, cb),
+                        *ins, primfunc_name_hint="winograd_matmul_output",
+                        primfunc_attrs={"op_pattern": 4, _ROLE: "gemm_output_blocked",
+                                        "slimfx.tile": m})
+                    self._emit_blocked(binding, vb, cb)
                     return True
                 if r[0] == "output":
                     n, co, ho, wo = cs._shape(binding.var)

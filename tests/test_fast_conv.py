@@ -492,8 +492,9 @@ def test_f43_on_few_tiles_reads_half_transformed_weights(n, cin, cout, size, fac
 def test_f43_on_four_tiles_forms_u_from_the_3x3_weights(n, cin, cout, size, target, monkeypatch):
     """FORM_U: F(4,3) on at most 4 tiles reads g = P^T U P (9 per channel pair, packed
     (Cout / nb, Cin, 9, nb)) and forms U in its GEMM, which keeps its hand schedule (not the
-    generic fallback); two such layers in a row, the second with a residual add, match
-    PyTorch, as with FORM_U off (H)."""
+    generic fallback) and, with FORM_OUTPUT, computes the output transform in the same
+    kernel (no winograd_output kernel); two such layers in a row, the second with a
+    residual add, match PyTorch, as with FORM_OUTPUT off and with FORM_U off (H)."""
     from slimfx.lowering import cpu_schedules as cs
     from slimfx.lowering import fast_conv as lf
 
@@ -515,18 +516,24 @@ def test_f43_on_four_tiles_forms_u_from_the_3x3_weights(n, cin, cout, size, targ
         want = model(x)
     monkeypatch.setattr(lf, "FORM_MIN_BYTES", 0)  # small layers here, read as large ones
     assert lf.weight_form(4, n * -(-size // 4) ** 2, cin * cout) == "g"
-    shapes = {}
-    for on in (True, False):
-        monkeypatch.setattr(lf, "FORM_U", on)
+    shapes, outputs = {}, {}
+    for form, fused in (("g", True), ("g", False), ("h", True)):
+        monkeypatch.setattr(lf, "FORM_U", form == "g")
+        monkeypatch.setattr(lf, "FORM_OUTPUT", fused)
         cm = slimfx.compile(model, x, pipeline="winograd{tile=4}", atol=tol, target=target)
-        gemms = 1 if cin == cout else 2  # layers of one shape share their kernel
-        assert cm.manifest["build"]["kernels"].get("winograd_gemm") == gemms
+        kernels = cm.manifest["build"]["kernels"]
+        # GEMMs of one shape share a kernel; fused with their outputs, the two differ
+        assert kernels.get("winograd_gemm") == (1 if cin == cout and not (form == "g" and fused)
+                                                else 2)
+        outputs[form, fused] = kernels.get("winograd_output", 0)
         assert _rel(cm(x), want) <= tol
         prof = cm.profile(x.numpy(), repeat=1, warmup=0)
-        shapes[on] = {k.shapes.split()[1] for k in prof.kernels if k.name.startswith("winograd_matmul")}
+        shapes[form, fused] = {k.shapes.split()[1] for k in prof.kernels if "winograd_matmul" in k.name}
     nb = cs._largest_divisor(cout, 16)
-    assert shapes[True] == {f"{cout // nb}x{c}x9x{nb}" for c in (cin, cout)}
-    assert all(s.startswith("6x") and s.count("x3x") for s in shapes[False])  # H
+    g = {f"{cout // nb}x{c}x9x{nb}" for c in (cin, cout)}
+    assert shapes["g", True] == shapes["g", False] == g
+    assert all(s.startswith("6x") and s.count("x3x") for s in shapes["h", True])  # H
+    assert outputs == {("g", True): 0, ("g", False): 2, ("h", True): 2}
 
 
 def test_formed_gemm_prefetches_the_next_chunk_outside_its_register_loop():
@@ -547,7 +554,7 @@ def test_formed_gemm_prefetches_the_next_chunk_outside_its_register_loop():
     assert text.count("llvm.prefetch") == lines and "g_flat" in text
     assert "for k_0 in range(4):" in text  # 64 channels: 4 chunks of 16
     at = [i for i in range(len(text)) if text.startswith("llvm.prefetch", i)]
-    points, register_loop = text.index("for e_0 in T.unroll(6):"), text.index("for k_1, k_2")
+    points, register_loop = text.index("for eps in T.unroll(6):"), text.index("for k_1, k_2")
     assert points < min(at) and max(at) < register_loop
 
 
