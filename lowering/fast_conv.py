@@ -18,7 +18,9 @@ Winograd F(m x m, 3 x 3) becomes three kernels (``alpha = m + 2``, ``P`` tiles):
    ``U``, ``alpha^2 / 9`` times the direct weights: ``bench/fast_conv.py`` prints the
    streaming floor.  There (F(4,3), float32, at most :data:`FACTOR_TILES` tiles) it reads
    the half-transformed ``H = G g`` instead, half the bytes, and forms each vector of ``U``
-   from three of ``H`` as it loads it (:func:`factored_weights`);
+   from three of ``H`` as it loads it (:func:`factored_weights`); on at most
+   :data:`FORM_TILES` tiles it reads ``g`` itself, direct's bytes, and forms ``U`` in
+   registers (:data:`FORM_U`), the output transform in the same kernel (:data:`FORM_OUTPUT`);
 3. output transform ``Y = A^T M_p A + bias`` per ``m x m`` output tile, written in the
    blocked ``NCHW{c}c`` layout its consumers use (``NCHW`` when none does), with the
    element-wise ops after it fused (ReLU, residual add): unrolled over the tile,
@@ -107,17 +109,23 @@ PACK_U = True
 FACTOR_U = True
 FACTOR_TILES = 16
 
-#: Where an F(4,3) layer has at most :data:`FORM_TILES` tiles (a 7x7 map at batch 1), its
-#: float32 GEMM reads the untransformed 3x3 weights ``g = P^T U P`` (9 per channel pair:
-#: the bytes direct convolution reads, a third of ``H``'s 18) and forms ``U`` in registers:
-#: per input channel and vector of output channels, one point ``eps``'s three values of
-#: ``H = G1 g`` from nine loads of ``g``, then the six ``U1[(eps, nu)]`` from them, each
-#: feeding the FMAs of all its rows (``alpha x rows`` accumulators, 24 at 4 rows).  A task
-#: is one vector of output channels; its ``g`` panel (147 KB at 256 channels) comes from
-#: memory once, for the first point, and from L2 for the other five.  ``V`` is stored
+#: Where an F(4,3) layer has at most :data:`FORM_TILES` tiles (a 7x7 map at batch 1) and
+#: its ``g`` at least :data:`FORM_MIN_BYTES`, its float32 GEMM reads the untransformed 3x3
+#: weights ``g = P^T U P`` (9 per channel pair: the bytes direct convolution reads, half of
+#: ``H``'s 18) and forms ``U`` in registers: per input channel and vector of output
+#: channels, one point ``eps``'s three values of ``H = G1 g`` from nine loads of ``g``,
+#: then the six ``U1[(eps, nu)]`` from them, each feeding the FMAs of all its rows
+#: (``alpha x rows`` accumulators, 24 at 4 rows).  A task is one vector of output
+#: channels, its reduction in chunks of :data:`FORM_K_CHUNK` input channels whose ``g``
+#: stays in L1 for the six points; each point prefetches a sixth of the next chunk
+#: (:data:`FORM_PREFETCH`; without, slower in a scratch chain).  ``V`` is stored
 #: ``(eps, Cin / vb, nu, tile, vb)`` so a point's values for one input channel are 24
-#: floats in one contiguous run (:func:`_winograd_input_te`), not 24 rows 1 KB apart.
-#: False: ``H`` (:data:`FACTOR_U`) there too (``bench/fast_conv.py --ab FORM_U``).
+#: floats in one contiguous run (:func:`_winograd_input_te`), not 24 rows 1 KB apart (in
+#: a scratch timing of the GEMM alone, far faster).  ``bench/fast_conv.py --ab FORM_U --chain 4``
+#: (znver4, with :data:`FORM_OUTPUT`): F(4,3) 1.17x faster at 256 channels 7x7, 1.15x at
+#: 512.  Below 512 KB of ``g`` the layer keeps ``H`` (64 channels at 7x7, 4 tasks, was
+#: slower with ``g`` in a scratch chain; 128 faster).  False: ``H`` (:data:`FACTOR_U`)
+#: there too.
 #: Read when a graph is lowered.
 FORM_U = True
 FORM_TILES = 4
@@ -125,6 +133,11 @@ FORM_MIN_BYTES = 1 << 19
 FORM_V_BLOCK = 16
 FORM_K_CHUNK = 16
 FORM_PREFETCH = True
+#: The formed GEMM and the output transform are one kernel: a task computes its panel of
+#: output channels, then transforms their tiles (plus bias and the element-wise ops after)
+#: -- one kernel launch and one trip of ``M`` through memory less per layer
+#: (``--ab FORM_OUTPUT --chain 4``, znver4: 1.02-1.05x, one of two runs 0.98-1.03x).
+#: Where the consumer's channel block is not the GEMM's panel the two stay apart.
 FORM_OUTPUT = True
 
 #: The transform-domain GEMMs prefetch the next task's weights from :data:`PREFETCH_BYTES`
