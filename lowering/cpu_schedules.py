@@ -945,8 +945,7 @@ def prefetch_next_task(sch, task_loop, loops: list, reduction, buffer, span: int
     return True
 
 
-def prefetch_lines(sch, loop, buffer, first, count: int, flat: bool = False,
-                   locality: int = 2) -> None:
+def prefetch_lines(sch, loop, buffer, first, count: int, flat: bool = False) -> None:
     """Prefetch (into L2) ``count`` cache lines of ``buffer`` at the start of ``loop``'s
     body: line ``t`` is the one holding flat element ``first(t)`` (an expression of the
     loop variables, within the buffer).  ``flat``: address them through a flat view of the
@@ -970,7 +969,7 @@ def prefetch_lines(sch, loop, buffer, first, count: int, flat: bool = False,
                                             for d, (s, n) in enumerate(zip(strides, shape))])
         body.append(ts.Evaluate(tirx.call_llvm_intrin(  # read, into L2 (locality 2), data
             "void", "llvm.prefetch.p0", tirx.address_of(load), tirx.const(0, "int32"),
-            tirx.const(locality, "int32"), tirx.const(1, "int32"))))
+            tirx.const(2, "int32"), tirx.const(1, "int32"))))
     node = sch.get(loop)
     new = ts.For(node.loop_var, node.min, node.extent, node.kind, ts.SeqStmt([*body, node.body]),
                  node.thread_binding, node.annotations)
