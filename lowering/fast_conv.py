@@ -435,6 +435,14 @@ def _formed_gemm_te(v, g, g1: np.ndarray, name: str = GEMM_BLOCK):
     return te.compute((alpha, alpha, rows, panels * nb), out, name=name)
 
 
+def _formed_output_te(v, g, *bias, at: np.ndarray, n: int, ho: int, wo: int, block: int = 0):
+    """The formed GEMM (:func:`_formed_gemm_te`) and the output transform after it, one
+    kernel (:data:`FORM_OUTPUT`); ``bias`` is the optional bias."""
+    g1 = factored_weights(at.shape[0])[1].astype("float32")
+    return _winograd_output_te(_formed_gemm_te(v, g, g1), bias[0] if bias else None, at, n,
+                               ho, wo, block)
+
+
 def gemm_panel(rows: int, cols: int) -> int:
     """Output columns per contiguous panel of the packed transformed weight ``U``.
 
@@ -537,10 +545,10 @@ def _lower_winograd(node, importer):
     # Fusion pattern "out-elementwise-fusable" (4), as a convolution: ReLU, bias and residual
     # adds fuse into the output transform, but never the next layer's input transform.
     if form == "g" and FORM_OUTPUT:  # one kernel: each task transforms its own channels
-        return bb.emit_te(lambda a, b, *c: _winograd_output_te(
-            _formed_gemm_te(a, b, g1), c[0] if c else None, at, n, ho, wo), v, u2,
-            *([bias] if bias is not None else []), primfunc_name_hint="winograd_matmul_output",
-            primfunc_attrs={"op_pattern": 4, _ROLE: "gemm_output", "slimfx.tile": m})
+        return bb.emit_te(lambda *a: _formed_output_te(*a, at=at, n=n, ho=ho, wo=wo), v, u2,
+                          *([bias] if bias is not None else []),
+                          primfunc_name_hint="winograd_matmul_output",
+                          primfunc_attrs={"op_pattern": 4, _ROLE: "gemm_output", "slimfx.tile": m})
     gemm_te = {"g": lambda a, b: _formed_gemm_te(a, b, g1),
                "h": lambda a, b: _factored_gemm_te(a, b, g1)}.get(form, _batch_gemm_te)
     mm = bb.emit_te(gemm_te, v, u2, primfunc_name_hint="winograd_matmul")
@@ -589,8 +597,9 @@ def _schedule_input(sch, block, lanes: int) -> None:
     if len(loops) == 5:  # V stored (eps, Cin / vb, nu, tile, vb) for a GEMM forming U
         eps, cb, nu, p, c = loops
         co, ci = cs._vector_split(sch, c, lanes)
-        sch.reorder(p, cb, *(lp for lp in (co,) if lp is not None), eps, nu, ci)
-        tile = sch.fuse(p, cb, *(lp for lp in (co,) if lp is not None))
+        chunks = [p, cb] if co is None else [p, cb, co]
+        sch.reorder(*chunks, eps, nu, ci)
+        tile = sch.fuse(*chunks)
     else:
         e, p, c = loops
         co, ci = cs._vector_split(sch, c, lanes)
@@ -779,12 +788,12 @@ def _schedule_formed_gemm(sch, block, lanes: int) -> None:
     if FORM_PREFETCH:  # a sixth of chunk ko + 1 (or of the next panel's first) per point
         from tvm import te
 
-        chunk = kc * 9 * nb
-        per = -(-chunk * 4 // (64 * alpha))  # lines
+        chunk, line = kc * 9 * nb, cs._LINE_BYTES // 4  # elements (float32)
+        per = -(-chunk // (line * alpha))  # lines per point
         base = te.min((sch.get(task).loop_var * (k_extent // kc) + sch.get(ko).loop_var + 1)
-                      * chunk + sch.get(eps).loop_var * per * 16,
-                      panels * k_extent * 9 * nb - per * 16)  # the last lines: in the buffer
-        cs.prefetch_lines(sch, eps, g, lambda t: base + t * 16, per, flat=True)
+                      * chunk + sch.get(eps).loop_var * per * line,
+                      panels * k_extent * 9 * nb - per * line)  # the last lines: in the buffer
+        cs.prefetch_lines(sch, eps, g, lambda t: base + t * line, per, flat=True)
 
 
 def _task_output(sch, nb: int, m: int, lanes: int):
@@ -1509,10 +1518,8 @@ def blocked_winograd(mod, lanes: int):
                     cb = wanted_block(binding.var, co)
                     if not cb or cb != int(cs._shape(ins[1])[-1]):  # a task's block: g's panel
                         return False
-                    g1 = factored_weights(m)[1].astype("float32")
                     vb = self.builder_.emit_te(
-                        lambda a, b, *c: _winograd_output_te(
-                            _formed_gemm_te(a, b, g1), c[0] if c else None, at, n, ho, wo, cb),
+                        lambda *a: _formed_output_te(*a, at=at, n=n, ho=ho, wo=wo, block=cb),
                         *ins, primfunc_name_hint="winograd_matmul_output",
                         primfunc_attrs={"op_pattern": 4, _ROLE: "gemm_output_blocked",
                                         "slimfx.tile": m})
