@@ -118,10 +118,12 @@ FACTOR_TILES = 16
 #: (``alpha x rows`` accumulators, 24 at 4 rows).  A task is one vector of output
 #: channels, its reduction in chunks of :data:`FORM_K_CHUNK` input channels whose ``g``
 #: stays in L1 for the six points; each point prefetches a sixth of the next chunk
-#: (:data:`FORM_PREFETCH`; without, slower in a scratch chain).  ``V`` is stored
-#: ``(eps, Cin / vb, nu, tile, vb)`` so a point's values for one input channel are 24
-#: floats in one contiguous run (:func:`_winograd_input_te`), not 24 rows 1 KB apart (in
-#: a scratch timing of the GEMM alone, far faster).  ``bench/fast_conv.py --ab FORM_U --chain 4``
+#: (:data:`FORM_PREFETCH`; without, slower in a scratch chain), and the sixth before it
+#: again (:data:`FORM_PREFETCH_TWICE`).  ``U`` is formed with adds (:data:`FORM_ADDS`).
+#: ``V`` is stored ``(eps, Cin / vb, nu, tile, vb)`` so a point's values for one input
+#: channel are 24 floats in one contiguous run (:func:`_winograd_input_te`), not 24 rows
+#: 1 KB apart (in a scratch timing of the GEMM alone, far faster).
+#: ``bench/fast_conv.py --ab FORM_U --chain 4``
 #: (znver4, with :data:`FORM_OUTPUT`): F(4,3) 1.17x faster at 256 channels 7x7, 1.15x at
 #: 512.  Below 512 KB of ``g`` the layer keeps ``H`` (64 channels at 7x7, 4 tasks, was
 #: slower with ``g`` in a scratch chain; 128 faster).  False: ``H`` (:data:`FACTOR_U`)
@@ -133,6 +135,23 @@ FORM_MIN_BYTES = 1 << 19
 FORM_V_BLOCK = 16
 FORM_K_CHUNK = 16
 FORM_PREFETCH = True
+#: Each point of the formed GEMM prefetches the sixth of ``g`` the point before it
+#: prefetched again, then its own: every line twice, a point (a sixth of a chunk's compute)
+#: apart.  On znver4, where a single prefetch per line left the GEMM waiting for ``g`` cold
+#: (why is unmeasured: this VM has no hardware counters; a guess is that prefetches finding
+#: the miss buffers full are dropped, and the second gets through), ``bench/fast_conv.py
+#: --ab FORM_PREFETCH_TWICE --chain 4``: F(4,3) 1.18x faster at 256 channels 7x7, 1.04x at
+#: 512, 1.04x at 128 (F(2,3), untouched: 0.99-1.04x).
+#: Prefetching further ahead instead (two, three or four chunks), or as well, helped less
+#: in a scratch chain (qualitative).
+FORM_PREFETCH_TWICE = True
+#: The formed GEMM forms ``U`` with adds only: ``G1``'s rows are scaled to integers
+#: (:func:`factored_weights`: ``[4, 2, 1]`` and ``[1, -2, 4]`` for F(4,3)'s points 1/2 and
+#: -2) and their 2s and 4s are doublings (``t + t``), so the multiplies are the GEMM's 24
+#: FMAs per input channel (was 28-34: LLVM fused the constant multiples into FMAs) and the
+#: forming runs on the add ports.  ``bench/fast_conv.py --ab FORM_ADDS --chain 4``: F(4,3)
+#: at 256 channels 7x7 1.08x faster warm (``--warm``), 1.05x cold; at 512, 1.02x / 0.99x.
+FORM_ADDS = True
 #: The formed GEMM and the output transform are one kernel: a task computes its panel of
 #: output channels, then transforms their tiles (plus bias and the element-wise ops after)
 #: -- one kernel launch and one trip of ``M`` through memory less per layer
@@ -182,10 +201,22 @@ def _select(matrix: np.ndarray, row, col: int):
     return val
 
 
-def _row_times(matrix: np.ndarray, row, term):
+def _doubled(t, coef: float):
+    """``coef * t`` as repeated doubling ``t + t`` where ``|coef|`` is 2 or 4 (None if not):
+    adds, which the CPU runs on other ports than its multiplies and FMAs."""
+    k = {2.0: 1, 4.0: 2}.get(abs(coef))
+    if k is None:
+        return None
+    for _ in range(k):
+        t = t + t
+    return t
+
+
+def _row_times(matrix: np.ndarray, row, term, doubling: bool = False):
     """``sum_k matrix[row, k] * term(k)`` for a symbolic ``row``: one expression per row of
     ``matrix`` holding only its nonzero coefficients (a +-1 is a plain add or subtract),
-    chosen by a Select chain that folds to that row's expression once ``row`` is unrolled."""
+    chosen by a Select chain that folds to that row's expression once ``row`` is unrolled.
+    ``doubling``: coefficients +-2 and +-4 are adds too (:func:`_doubled`)."""
     from tvm import tirx
 
     val = None
@@ -200,6 +231,8 @@ def _row_times(matrix: np.ndarray, row, term):
                 acc = t if acc is None else acc + t
             elif coef == -1 and acc is not None:
                 acc = acc - t
+            elif doubling and (d := _doubled(t, coef)) is not None and (coef > 0 or acc is not None):
+                acc = d if acc is None else (acc + d if coef > 0 else acc - d)
             else:
                 t = tirx.const(coef, "float32") * t
                 acc = t if acc is None else acc + t
@@ -247,19 +280,28 @@ def weights_per_pair(m: int, form: str) -> int:
 def factored_weights(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(P, G1, c)`` of the factored transformed weights of Winograd F(m, 3) (float64).
 
-    ``G = diag(c) G1``: each row of ``G`` scaled so its first nonzero is 1 (``[1, p, p^2]``
-    for a point ``p``, ``[0, 0, 1]`` at infinity).  ``H = U P`` recovers ``H = G g`` from
-    ``U = G g G^T`` (``G^T P = I``); then ``U = H G1^T diag(c)``.  The GEMM reads ``H`` and
-    forms ``U1 = H G1^T`` (adds and small multiples), and the input transform scales its
-    columns by ``c`` (``V diag(c)``), so ``(V diag(c)) * U1 = V * U`` point by point.
+    ``G = diag(c) G1``: each row of ``G`` scaled so its first nonzero is positive and its
+    smallest nonzero magnitude is 1 (``[1, p, p^2]`` for a point ``|p| >= 1``, ``[4, 2, 1]``
+    for ``p = 1/2``, ``[0, 0, 1]`` at infinity; with :data:`FORM_ADDS` off, so its first
+    nonzero is 1).  ``H = U P`` recovers ``H = G g`` from ``U = G g G^T`` (``G^T P = I``);
+    then ``U = H G1^T diag(c)``.  The GEMM reads ``H`` (or ``g``) and forms ``U1 = H G1^T``
+    (adds and small multiples), and the input transform scales its columns by ``c``
+    (``V diag(c)``), so ``(V diag(c)) * U1 = V * U`` point by point.
 
     >>> p, g1, c = factored_weights(4)
     >>> _, g, _ = (t.numpy() for t in winograd_matrices(4))
     >>> bool(np.allclose(g.T @ p, np.eye(3)) and np.allclose(np.diag(c) @ g1, g))
     True
+    >>> g1.astype(int).tolist()
+    [[1, 0, 0], [1, -1, 1], [1, 1, 1], [4, 2, 1], [1, -2, 4], [0, 0, 1]]
     """
     _, g, _ = (t.numpy() for t in winograd_matrices(m, 3))
-    lead = np.array([row[np.flatnonzero(row)[0]] for row in g])
+
+    def lead(row):
+        nz = row[row != 0]
+        return nz[0] * (np.abs(nz).min() / abs(nz[0]) if FORM_ADDS else 1)
+
+    lead = np.array([lead(row) for row in g])
     return g @ np.linalg.inv(g.T @ g), g / lead[:, None], lead
 
 
@@ -426,8 +468,9 @@ def _formed_gemm_te(v, g, g1: np.ndarray, name: str = GEMM_BLOCK):
 
     def ue(eps, nu, kk, j):
         def h(b):  # (G1 g)[eps, b]
-            return _row_times(g1, eps, lambda a: g[j // nb, kk, a * 3 + b, j % nb].astype(v.dtype))
-        return _row_times(g1, nu, h)
+            return _row_times(g1, eps, lambda a: g[j // nb, kk, a * 3 + b, j % nb].astype(v.dtype),
+                              doubling=FORM_ADDS)
+        return _row_times(g1, nu, h, doubling=FORM_ADDS)
 
     def out(eps, nu, i, j):
         return te.sum(v[eps, rk // vb, nu, i, rk % vb] * ue(eps, nu, rk, j), axis=rk)
@@ -793,7 +836,10 @@ def _schedule_formed_gemm(sch, block, lanes: int) -> None:
         base = te.min((sch.get(task).loop_var * (k_extent // kc) + sch.get(ko).loop_var + 1)
                       * chunk + sch.get(eps).loop_var * per * line,
                       panels * k_extent * 9 * nb - per * line)  # the last lines: in the buffer
-        cs.prefetch_lines(sch, eps, g, lambda t: base + t * line, per, flat=True)
+        if FORM_PREFETCH_TWICE:  # the point before's sixth again, then this point's
+            cs.prefetch_lines(sch, eps, g, lambda t: base + (t - per) * line, 2 * per, flat=True)
+        else:
+            cs.prefetch_lines(sch, eps, g, lambda t: base + t * line, per, flat=True)
 
 
 def _task_output(sch, nb: int, m: int, lanes: int):

@@ -536,26 +536,85 @@ def test_f43_on_four_tiles_forms_u_from_the_3x3_weights(n, cin, cout, size, targ
     assert outputs == {("g", True): 0, ("g", False): 2, ("h", True): 2}
 
 
-def test_formed_gemm_prefetches_the_next_chunk_outside_its_register_loop():
+@pytest.mark.parametrize("twice", [True, False])
+def test_formed_gemm_prefetches_the_next_chunk_outside_its_register_loop(twice, monkeypatch):
     """The formed GEMM's reduction runs in chunks of FORM_K_CHUNK channels; each point eps
     prefetches its sixth of the next chunk's g (flat addresses, one line each) before its
-    pass over the chunk, never inside the loop whose accumulators stay in registers."""
+    pass over the chunk, never inside the loop whose accumulators stay in registers; with
+    FORM_PREFETCH_TWICE, the sixth before it again, so every line is prefetched twice."""
+    import collections
+    import re
+
+    import numpy as np
     from tvm import s_tir, te
 
     from slimfx.lowering import fast_conv as lf
 
+    monkeypatch.setattr(lf, "FORM_PREFETCH_TWICE", twice)
     v = te.placeholder((6, 4, 6, 4, 16), name="v")
-    g = te.placeholder((4, 64, 9, 16), name="g")
+    g = te.placeholder((4, 64, 9, 16), name="g")  # 4 panels of 64 channels: 16 chunks
     func = te.create_prim_func([v, g, lf._formed_gemm_te(v, g, lf.factored_weights(4)[1])])
     sch = s_tir.Schedule(func)
     lf._schedule_formed_gemm(sch, sch.get_sblock(lf.GEMM_BLOCK), 16)
     text = sch.mod["main"].script()
-    lines = 16 * 9 * 16 * 4 // 64 // 6  # per point: a sixth of a 16-channel chunk of g
-    assert text.count("llvm.prefetch") == lines and "g_flat" in text
+    lines, chunk = 16 * 9 * 16 * 4 // 64 // 6, 16 * 9 * 16  # per point: a sixth of a chunk
+    assert text.count("llvm.prefetch") == lines * (2 if twice else 1) and "g_flat" in text
     assert "for k_0 in range(4):" in text  # 64 channels: 4 chunks of 16
     at = [i for i in range(len(text)) if text.startswith("llvm.prefetch", i)]
     points, register_loop = text.index("for eps in T.unroll(6):"), text.index("for k_1, k_2")
     assert points < min(at) and max(at) < register_loop
+    # the lines each point (task j_0, chunk k_0, eps) prefetches, from the addresses
+    exprs = re.findall(r"llvm\.prefetch\", T\.address_of\(g_flat\[(.*)\]\), 0, 2, 1\)", text)
+    t = type("T", (), {"min": staticmethod(min), "max": staticmethod(max)})
+    times = collections.Counter()
+    for j_0, k_0, eps in np.ndindex(4, 4, 6):
+        got = [eval(e, {"T": t, "j_0": j_0, "k_0": k_0, "eps": eps}) for e in exprs]  # noqa: S307
+        assert all(a % 16 == 0 for a in got)  # one line each
+        times.update(a // 16 for a in got)
+        nxt = (j_0 * 4 + k_0 + 1) * chunk  # the next chunk (the next panel's first)
+        if nxt < g.shape[0] * 64 * 9 * 16:
+            first = nxt + (eps - twice) * lines * 16
+            assert got == list(range(first, nxt + (eps + 1) * lines * 16, 16))
+    per_line = [times[a // 16] for a in range(chunk, 15 * chunk, 16)]  # chunks 1-14
+    assert set(per_line) == {2 if twice else 1}
+
+
+@pytest.mark.parametrize("adds", [True, False])
+def test_formed_gemm_forms_u_with_adds(adds, monkeypatch):
+    """FORM_ADDS: G1's rows are integers and their 2s and 4s doublings, so the formed GEMM's
+    update has no constant multiples (off: it multiplies by G1's fractions); either way the
+    scheduled kernel computes V @ (G1 g G1^T) point by point."""
+    import numpy as np
+    import tvm
+    from tvm import s_tir, te
+
+    from slimfx.lowering import fast_conv as lf
+    from slimfx.lowering import host_target
+
+    monkeypatch.setattr(lf, "FORM_ADDS", adds)
+    g1 = lf.factored_weights(4)[1]
+    assert np.array_equal(g1, np.round(g1)) == adds
+    v = te.placeholder((6, 2, 6, 4, 16), name="v")  # 32 input channels, 4 tiles
+    g = te.placeholder((2, 32, 9, 16), name="g")  # 32 output channels in 2 panels
+    func = te.create_prim_func([v, g, lf._formed_gemm_te(v, g, g1.astype("float32"))])
+    sch = s_tir.Schedule(func)
+    lf._schedule_formed_gemm(sch, sch.get_sblock(lf.GEMM_BLOCK), 16)
+    text = sch.mod["main"].script()
+    update = text[text.index('T.sblock("winograd_matmul_update")'):]
+    update = update[:update.index("T.sblock(", 10)] if "T.sblock(" in update[10:] else update
+    assert ("T.float32(" in update) != adds
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
+                      target=host_target().tvm())
+    rng = np.random.default_rng(3)
+    vv = rng.standard_normal((6, 2, 6, 4, 16)).astype("float32")
+    gg = rng.standard_normal((2, 32, 9, 16)).astype("float32")
+    out = tvm.runtime.tensor(np.zeros((6, 6, 4, 32), "float32"), tvm.cpu())
+    lib["main"](tvm.runtime.tensor(vv), tvm.runtime.tensor(gg), out)
+    w = gg.transpose(1, 0, 3, 2).reshape(32, 32, 3, 3).astype("float64")  # (Cin, Cout, 3, 3)
+    u1 = np.einsum("ea,kjab,nb->enkj", g1, w, g1)
+    vk = vv.transpose(0, 2, 3, 1, 4).reshape(6, 6, 4, 32).astype("float64")  # (eps, nu, tile, Cin)
+    want = np.einsum("enik,enkj->enij", vk, u1)
+    assert np.abs(out.numpy() - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def test_only_cpu_lowerings_read_half_transformed_weights():
