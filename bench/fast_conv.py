@@ -144,12 +144,13 @@ def _layer(cin: int, k: int, chain: int) -> nn.Module:
     return nn.Conv2d(cin, cin, k, padding=k // 2).eval()
 
 
-def bench_switch(grid, flag: str, rounds: int, runs: int, cold: bool = True,
+def bench_switch(grid, module, flag: str, rounds: int, runs: int, cold: bool = True,
                  chain: int = 1) -> list[list]:
     """Each layer's F(2,3) / F(4,3) (3x3) or FFT (larger kernels) built with the lowering
-    switch ``slimfx.lowering.fast_conv.<flag>`` off and on (``PACK_U``: ``U`` as
-    ``(alpha^2, Cin, Cout)``, the GEMM reading strided column blocks, vs packed in column
-    panels), timed in the same interleaved rounds."""
+    switch ``module.<flag>`` off and on (``PACK_U``: ``U`` as ``(alpha^2, Cin, Cout)``, the
+    GEMM reading strided column blocks, vs packed in column panels), timed in the same
+    interleaved rounds; direct convolution too where ``module`` is not
+    ``slimfx.lowering.fast_conv`` (``cpu_schedules``' switches apply to it as well)."""
     from slimfx.lowering import fast_conv as lf
 
     rows = []
@@ -157,10 +158,10 @@ def bench_switch(grid, flag: str, rounds: int, runs: int, cold: bool = True,
         torch.manual_seed(0)
         conv = _layer(cin, k, chain)
         x = torch.randn(1, cin, size, size)
-        algos = ["winograd2", "winograd4"] if k == 3 else ["fft"]
+        algos = ([] if module is lf else ["direct"]) + (["winograd2", "winograd4"] if k == 3 else ["fft"])
         built = {}
         for label, on in (("off", False), ("on", True)):
-            with switched(lf, flag, on):
+            with switched(module, flag, on):
                 for a in algos:
                     built[f"{a} {label}"] = slimfx.compile(
                         conv, x, pipeline=fc._pipeline_of(a), atol=fc.WINOGRAD_TOLERANCE[4],
@@ -175,10 +176,8 @@ def bench_switch(grid, flag: str, rounds: int, runs: int, cold: bool = True,
     return rows
 
 
-def bench_switch_models(names, size: int, flag: str, rounds: int, runs: int) -> list[list]:
+def bench_switch_models(names, size: int, module, flag: str, rounds: int, runs: int) -> list[list]:
     """Whole models with ``select-conv-algo{by=model}``, built with the switch off and on."""
-    from slimfx.lowering import fast_conv as lf
-
     rows = []
     for name in names:
         torch.manual_seed(0)
@@ -187,7 +186,7 @@ def bench_switch_models(names, size: int, flag: str, rounds: int, runs: int) -> 
                                     "fold-bn,select-conv-algo{by=model},dce")
         built = {}
         for label, on in (("off", False), ("on", True)):
-            with switched(lf, flag, on):
+            with switched(module, flag, on):
                 built[label] = slimfx.compile(graph, atol=fc.WINOGRAD_TOLERANCE[4], verbose=False)
         ms = _time_rounds(built, x, rounds, runs)
         rows.append([name, f"1x3x{size}x{size}", f"{ms['off']:.2f}", f"{ms['on']:.2f}",
@@ -558,7 +557,9 @@ def main() -> None:
     ap.add_argument("--ab", metavar="SWITCH",
                     help="only time the grid's layers with F(2,3)/F(4,3) (3x3) or FFT, and --models with "
                          "select-conv-algo{by=model}, built with slimfx.lowering.fast_conv.SWITCH "
-                         "off and on (PACK_U, FORM_U, ROW_TRANSFORMS, STACK_ACCUMULATORS, PAD_INLINE, BLOCKED)")
+                         "off and on (PACK_U, FORM_U, FORM_ADDS, ROW_TRANSFORMS, STACK_ACCUMULATORS, "
+                         "PAD_INLINE, BLOCKED); cpu_schedules.SWITCH (PREFETCH_RETRY) also times "
+                         "direct convolution")
     ap.add_argument("--packing", action="store_true", help="the same as --ab PACK_U")
     ap.add_argument("--models", default="resnet18,vgg11", help="zoo models ('' for none)")
     ap.add_argument("--size", type=int, default=112, help="model input height/width")
@@ -619,12 +620,15 @@ def main() -> None:
     if args.packing:
         args.ab = "PACK_U"
     if args.ab:
-        from slimfx.lowering import fast_conv as lf
+        from slimfx.lowering import cpu_schedules, fast_conv
 
-        if not isinstance(getattr(lf, args.ab, None), bool) or not args.ab.isupper():
-            ap.error(f"--ab {args.ab}: not a switch of slimfx.lowering.fast_conv")
-        rows = bench_switch(grid, args.ab, args.rounds, args.runs, not args.warm, args.chain)
-        mrows = bench_switch_models(names, args.size, args.ab, args.rounds, args.runs)
+        where, _, flag = args.ab.rpartition(".")
+        module = {"": fast_conv, "fast_conv": fast_conv, "cpu_schedules": cpu_schedules}.get(where)
+        if module is None or not isinstance(getattr(module, flag, None), bool) or not flag.isupper():
+            ap.error(f"--ab {args.ab}: not a switch of slimfx.lowering.fast_conv or "
+                     "slimfx.lowering.cpu_schedules")
+        rows = bench_switch(grid, module, flag, args.rounds, args.runs, not args.warm, args.chain)
+        mrows = bench_switch_models(names, args.size, module, flag, args.rounds, args.runs)
         print(f"\n{args.ab} off vs on, compiled latency in ms, medians of {args.rounds} alternating "
               f"rounds x {args.runs} runs; ratio = off / on (> 1: the switch is faster)"
               + (f"; each layer one of a chain of {args.chain}" if args.chain > 1 else ""))
