@@ -151,7 +151,12 @@ FORM_PREFETCH_TWICE = True
 #: FMAs per input channel (was 28-34: LLVM fused the constant multiples into FMAs) and the
 #: forming runs on the add ports.  ``bench/fast_conv.py --ab FORM_ADDS --chain 4``: F(4,3)
 #: at 256 channels 7x7 1.08x faster warm (``--warm``), 1.05x cold; at 512, 1.02x / 0.99x.
+#: Only where the GEMM has at least :data:`FORM_ADDS_ROWS` rows (tiles): on fewer, each
+#: ``U`` feeds fewer FMAs than its doublings take adds (a 4x4 map's one tile: 6 FMAs and
+#: about 20 adds per channel and point), and ResNet-18 at 112, whose last stage is such
+#: maps, ran 0.95x in two runs of ``--ab FORM_ADDS --models resnet18`` with adds there.
 FORM_ADDS = True
+FORM_ADDS_ROWS = 4
 #: The formed GEMM and the output transform are one kernel: a task computes its panel of
 #: output channels, then transforms their tiles (plus bias and the element-wise ops after)
 #: -- one kernel launch and one trip of ``M`` through memory less per layer
@@ -465,12 +470,13 @@ def _formed_gemm_te(v, g, g1: np.ndarray, name: str = GEMM_BLOCK):
     alpha, _, _, rows, vb = cs._ints(v.shape)
     panels, k, _, nb = cs._ints(g.shape)
     rk = te.reduce_axis((0, k), name="k")
+    adds = FORM_ADDS and rows >= FORM_ADDS_ROWS
 
     def ue(eps, nu, kk, j):
         def h(b):  # (G1 g)[eps, b]
             return _row_times(g1, eps, lambda a: g[j // nb, kk, a * 3 + b, j % nb].astype(v.dtype),
-                              doubling=FORM_ADDS)
-        return _row_times(g1, nu, h, doubling=FORM_ADDS)
+                              doubling=adds)
+        return _row_times(g1, nu, h, doubling=adds)
 
     def out(eps, nu, i, j):
         return te.sum(v[eps, rk // vb, nu, i, rk % vb] * ue(eps, nu, rk, j), axis=rk)

@@ -582,8 +582,8 @@ def test_formed_gemm_prefetches_the_next_chunk_outside_its_register_loop(twice, 
 @pytest.mark.parametrize("adds", [True, False])
 def test_formed_gemm_forms_u_with_adds(adds, monkeypatch):
     """FORM_ADDS: G1's rows are integers and their 2s and 4s doublings, so the formed GEMM's
-    update has no constant multiples (off: it multiplies by G1's fractions); either way the
-    scheduled kernel computes V @ (G1 g G1^T) point by point."""
+    update on 4 tiles has no constant multiples (off, or on one tile: it multiplies by
+    G1's entries); either way the scheduled kernel computes V @ (G1 g G1^T) point by point."""
     import numpy as np
     import tvm
     from tvm import s_tir, te
@@ -594,15 +594,20 @@ def test_formed_gemm_forms_u_with_adds(adds, monkeypatch):
     monkeypatch.setattr(lf, "FORM_ADDS", adds)
     g1 = lf.factored_weights(4)[1]
     assert np.array_equal(g1, np.round(g1)) == adds
-    v = te.placeholder((6, 2, 6, 4, 16), name="v")  # 32 input channels, 4 tiles
     g = te.placeholder((2, 32, 9, 16), name="g")  # 32 output channels in 2 panels
-    func = te.create_prim_func([v, g, lf._formed_gemm_te(v, g, g1.astype("float32"))])
-    sch = s_tir.Schedule(func)
-    lf._schedule_formed_gemm(sch, sch.get_sblock(lf.GEMM_BLOCK), 16)
-    text = sch.mod["main"].script()
-    update = text[text.index('T.sblock("winograd_matmul_update")'):]
-    update = update[:update.index("T.sblock(", 10)] if "T.sblock(" in update[10:] else update
-    assert ("T.float32(" in update) != adds
+
+    def scheduled(tiles: int):
+        v = te.placeholder((6, 2, 6, tiles, 16), name="v")  # 32 input channels
+        func = te.create_prim_func([v, g, lf._formed_gemm_te(v, g, g1.astype("float32"))])
+        sch = s_tir.Schedule(func)
+        lf._schedule_formed_gemm(sch, sch.get_sblock(lf.GEMM_BLOCK), 16)
+        text = sch.mod["main"].script()
+        update = text[text.index('T.sblock("winograd_matmul_update")'):]
+        update = update[:update.index("T.sblock(", 10)] if "T.sblock(" in update[10:] else update
+        return sch, "T.float32(" in update
+
+    sch, multiplies = scheduled(4)
+    assert multiplies != adds and scheduled(1)[1]
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
                       target=host_target().tvm())
     rng = np.random.default_rng(3)
