@@ -11,6 +11,7 @@ the algorithms, so all see the same machine load; the ratio columns (direct / al
     python bench/fast_conv.py --layers 256x14x3,256x7x3 --models ''   # some grid points
     python bench/fast_conv.py --layers 256x14x3 --ab PACK_U --models ''  # U packed vs not
     python bench/fast_conv.py --ab ROW_TRANSFORMS --chain 4 --quick --models resnet18
+    python bench/fast_conv.py --ab cpu_schedules.PREFETCH_NEXT_TASK --chain 4 --quick  # + direct
     python bench/fast_conv.py --chain 4 --fit   # refit select-conv-algo's cost model as MODEL
                                                 # was; whole models timed with both constants
     python bench/fast_conv.py --chain 4 --warm --fit   # the same for MODEL_WARM (cold=false)

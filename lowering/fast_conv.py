@@ -140,8 +140,9 @@ FORM_PREFETCH = True
 #: apart.  On znver4, where a single prefetch per line left the GEMM waiting for ``g`` cold
 #: (why is unmeasured: this VM has no hardware counters; a guess is that prefetches finding
 #: the miss buffers full are dropped, and the second gets through), ``bench/fast_conv.py
-#: --ab FORM_PREFETCH_TWICE --chain 4``: F(4,3) 1.18x faster at 256 channels 7x7, 1.04x at
-#: 512, 1.04x at 128 (F(2,3), untouched: 0.99-1.04x).
+#: --ab FORM_PREFETCH_TWICE --chain 4``, three runs: F(4,3) 1.18-1.19x faster at 256
+#: channels 7x7, 1.04-1.26x at 512 (1.24x with ``--rounds 9``), 1.04x at 128, 1.06x at 512
+#: channels 4x4 (F(2,3), untouched: 0.97-1.12x).
 #: Prefetching further ahead instead (two, three or four chunks), or as well, helped less
 #: in a scratch chain (qualitative).
 FORM_PREFETCH_TWICE = True
