@@ -143,8 +143,8 @@ FORM_PREFETCH = True
 #: --ab FORM_PREFETCH_TWICE --chain 4``, three runs: F(4,3) 1.18-1.19x faster at 256
 #: channels 7x7, 1.04-1.26x at 512 (1.24x with ``--rounds 9``), 1.04x at 128, 1.06x at 512
 #: channels 4x4 (F(2,3), untouched: 0.97-1.12x).
-#: Prefetching further ahead instead (two, three or four chunks), or as well, helped less
-#: in a scratch chain (qualitative).
+#: In a scratch chain (qualitative), one prefetch two to four chunks ahead was no better
+#: than one a chunk ahead, and a second one further ahead no better than this.
 FORM_PREFETCH_TWICE = True
 #: The formed GEMM forms ``U`` with adds only: ``G1``'s rows are scaled to integers
 #: (:func:`factored_weights`: ``[4, 2, 1]`` and ``[1, -2, 4]`` for F(4,3)'s points 1/2 and
