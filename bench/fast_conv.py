@@ -559,7 +559,7 @@ def main() -> None:
                     help="only time the grid's layers with F(2,3)/F(4,3) (3x3) or FFT, and --models with "
                          "select-conv-algo{by=model}, built with slimfx.lowering.fast_conv.SWITCH "
                          "off and on (PACK_U, FORM_U, FORM_ADDS, ROW_TRANSFORMS, STACK_ACCUMULATORS, "
-                         "PAD_INLINE, BLOCKED); cpu_schedules.SWITCH (PREFETCH_RETRY) also times "
+                         "PAD_INLINE, BLOCKED); cpu_schedules.SWITCH (PREFETCH_NEXT_TASK) also times "
                          "direct convolution")
     ap.add_argument("--packing", action="store_true", help="the same as --ab PACK_U")
     ap.add_argument("--models", default="resnet18,vgg11", help="zoo models ('' for none)")

@@ -843,10 +843,8 @@ def _schedule_formed_gemm(sch, block, lanes: int) -> None:
         base = te.min((sch.get(task).loop_var * (k_extent // kc) + sch.get(ko).loop_var + 1)
                       * chunk + sch.get(eps).loop_var * per * line,
                       panels * k_extent * 9 * nb - per * line)  # the last lines: in the buffer
-        if FORM_PREFETCH_TWICE:  # the point before's sixth again, then this point's
-            cs.prefetch_lines(sch, eps, g, lambda t: base + (t - per) * line, 2 * per, flat=True)
-        else:
-            cs.prefetch_lines(sch, eps, g, lambda t: base + t * line, per, flat=True)
+        again = per if FORM_PREFETCH_TWICE else 0  # the point before's sixth, then this one's
+        cs.prefetch_lines(sch, eps, g, lambda t: base + (t - again) * line, again + per, flat=True)
 
 
 def _task_output(sch, nb: int, m: int, lanes: int):
